@@ -1,0 +1,27 @@
+"""Codec backends: `codicodec` (the real CoDiCodec) and `spectral` (built in, offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CodecError
+from .base import (CHANNELS, CHUNK_SAMPLES, CHUNK_SECONDS, LATENT_DIM, SAMPLE_RATE, TOKEN_SAMPLES,
+                   TOKENS_PER_CHUNK, Codec, chunks_for)
+
+CODEC_NAMES = ("codicodec", "spectral")
+
+__all__ = ["CHANNELS", "CHUNK_SAMPLES", "CHUNK_SECONDS", "CODEC_NAMES", "Codec", "LATENT_DIM",
+           "SAMPLE_RATE", "TOKENS_PER_CHUNK", "TOKEN_SAMPLES", "chunks_for", "load_codec"]
+
+
+def load_codec(name: str, device: torch.device | str = "cpu", ckpt: str | Path | None = None) -> Codec:
+    """Build the codec backend called `name` on `device` (`ckpt` only matters for codicodec)."""
+    device = torch.device(device)
+    if name == "spectral":
+        from .spectral import SpectralCodec
+        return SpectralCodec(device=device)
+    if name == "codicodec":
+        from .codicodec import CoDiCodec
+        return CoDiCodec(device=device, ckpt=ckpt)
+    raise CodecError(f"unknown codec {name!r}: choose one of {', '.join(CODEC_NAMES)}")
