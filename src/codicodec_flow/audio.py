@@ -6,6 +6,7 @@ as left/right and the rest are mixed equally into both at -3 dB, then the sum is
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -110,4 +111,5 @@ def write_wav(path: str | Path, wave: torch.Tensor, sample_rate: int = SAMPLE_RA
 
 def _reason(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    line = text[-1] if text else type(exc).__name__
+    return re.sub(r"^Error opening '.*?': ", "", line)  # libsndfile repeats the path we already name

@@ -16,11 +16,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise FlowError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
     if name == "mps" and not mps_available():
         raise FlowError("--device mps was asked for but this PyTorch build has no MPS; use --device cpu or auto")
-    if name not in DEVICE_CHOICES:
+    if name.split(":")[0] not in DEVICE_CHOICES:
         raise FlowError(f"unknown device {name!r}: choose one of {', '.join(DEVICE_CHOICES)}")
     return torch.device(name)
 
@@ -28,3 +28,28 @@ def resolve_device(name: str = "auto") -> torch.device:
 def mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for --dtype on this device (None: plain fp32)."""
+    if name == "fp32":
+        return None
+    if name not in ("auto", "bf16"):
+        raise FlowError(f"unknown --dtype {name!r}: choose auto, bf16 or fp32")
+    if name == "auto" and device.type == "cpu":
+        return None  # bf16 autocast is slower than fp32 on most CPUs
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("note: this GPU has no bf16; training in fp32")
+        return None
+    try:  # MPS gained bf16 autocast in recent PyTorch; probe instead of guessing from the version
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            (torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)).sum().item()
+    except Exception:
+        print(f"note: bf16 autocast is not available on {device} with torch {torch.__version__}; using fp32")
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for dtype, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -15,13 +15,14 @@ __all__ = ["CHANNELS", "CHUNK_SAMPLES", "CHUNK_SECONDS", "CODEC_NAMES", "Codec",
            "SAMPLE_RATE", "TOKENS_PER_CHUNK", "TOKEN_SAMPLES", "chunks_for", "load_codec"]
 
 
-def load_codec(name: str, device: torch.device | str = "cpu", ckpt: str | Path | None = None) -> Codec:
-    """Build the codec backend called `name` on `device` (`ckpt` only matters for codicodec)."""
+def load_codec(name: str, device: torch.device | str = "cpu", ckpt: str | Path | None = None,
+               trust_pickle: bool = False) -> Codec:
+    """Build the codec backend called `name` on `device` (`ckpt`, `trust_pickle` only matter for codicodec)."""
     device = torch.device(device)
     if name == "spectral":
         from .spectral import SpectralCodec
         return SpectralCodec(device=device)
     if name == "codicodec":
         from .codicodec import CoDiCodec
-        return CoDiCodec(device=device, ckpt=ckpt)
+        return CoDiCodec(device=device, ckpt=ckpt, trust_pickle=trust_pickle)
     raise CodecError(f"unknown codec {name!r}: choose one of {', '.join(CODEC_NAMES)}")

@@ -24,6 +24,7 @@ class Codec(Protocol):
     name: str  # backend name stored in shards and checkpoints ("codicodec", "spectral")
     version: str  # backend version: latents from different versions are not interchangeable
     device: torch.device
+    lookahead_samples: int  # samples past a chunk's end that its encoding reads (segment encoders pass them)
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         """(2, N) waveform -> (ceil(N / 32768), 8, 64) latents; the last chunk is zero-padded."""

@@ -1,0 +1,93 @@
+"""Typed, frozen settings for every stage; `dataclasses.asdict` of them goes into manifests and checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    in_dir: str
+    out_dir: str
+    codec: str = "codicodec"
+    codec_ckpt: str | None = None
+    trust_codec_ckpt: bool = False
+    device: str = "auto"
+    max_seconds: float = 300.0  # longer files are split into shards of at most this length
+    overwrite: bool = False
+    num_shards: int = 1  # split the file list into this many disjoint parts ...
+    shard_index: int = 0  # ... and encode this one
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 768
+    n_layers: int = 10
+    n_heads: int = 12
+    cond_dim: int = 768  # width of the time embedding that drives adaLN
+    context_chunks: int = 32  # sliding window W: a chunk sees at most W past chunks
+    latent_dim: int = 64  # channels per latent token (the codec's)
+    chunk_tokens: int = 8  # tokens per codec chunk (the codec's)
+    mlp_ratio: float = 2.25  # SwiGLU hidden width / dim, rounded up to a multiple of 64
+    rope_base: float = 10_000.0
+    time_freq_dim: int = 256  # sinusoidal features of t before the time MLP
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads of even width")
+        if self.context_chunks < 1:
+            raise ValueError(f"context_chunks must be >= 1, got {self.context_chunks}")
+
+
+MODEL_PRESETS = {
+    "default": ModelConfig(),  # ~99 M parameters
+    "small": ModelConfig(dim=384, n_layers=8, n_heads=6, cond_dim=384),  # ~20 M parameters
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=64, context_chunks=4),  # tests and the demo
+}
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    t_dist: str = "logit_normal"  # or "uniform": how the noisy chunks' times are drawn
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    context_noise_max: float = 0.1  # clean-stream chunks carry noise up to this level in training
+    p_uncond: float = 0.1  # a noisy chunk sees no context with this probability (classifier-free guidance)
+
+    def __post_init__(self):
+        if self.t_dist not in ("logit_normal", "uniform"):
+            raise ValueError(f"t_dist must be 'logit_normal' or 'uniform', got {self.t_dist!r}")
+        if not 0.0 <= self.context_noise_max < 1.0 or not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError("context_noise_max and p_uncond must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    device: str = "auto"
+    batch_size: int = 8
+    grad_accum: int = 1
+    crop_tokens: int = 768  # tokens per training crop, a multiple of 8 (768 = 96 chunks, ~66 s)
+    max_steps: int = 200_000
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA/MPS, fp32 on CPU
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    save_every: int = 50
+    val_every: int = 500
+    val_fraction: float = 0.1
+    val_crops: int = 32
+    audio_sample_every: int = 0  # 0 disables periodic audio samples
+    audio_continuation: bool = False  # samples continue a validation prompt instead of starting from nothing
+    log_every: int = 10
+    seed: int = 0
+    tui: bool = True
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuild a config dataclass from its asdict() form, ignoring keys this version does not know."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,222 @@
+"""Audio folder -> latent shards mirroring its structure, a manifest and latent statistics.
+
+Idempotent and resumable: a file whose shards already match its size, mtime, codec and segment
+length is skipped. Bad files are reported and skipped; they never stop the run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AUDIO_SUFFIXES, audio_info, iter_audio_blocks
+from .codec import CHUNK_SAMPLES, SAMPLE_RATE, Codec, load_codec
+from .config import PreprocessConfig
+from .devices import resolve_device
+from .errors import AudioError, FlowError
+from .progress import Reporter
+from .shards import SHARD_SUFFIX, build_manifest, read_meta, save_shard
+
+
+@dataclass
+class PreprocessReport:
+    encoded: list[str] = field(default_factory=list)  # source files encoded in this run
+    up_to_date: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    shards_written: int = 0
+    seconds_encoded: float = 0.0
+    manifest: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False only when nothing at all could be encoded (or was already encoded)."""
+        return bool(self.encoded or self.up_to_date)
+
+
+def find_audio(in_dir: Path) -> list[Path]:
+    """Audio files below in_dir (by suffix, case-insensitive), relative to it, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(in_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                found.append((Path(dirpath) / name).relative_to(in_dir))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def shard_path(out_dir: Path, rel: Path, segment: int) -> Path:
+    return out_dir / rel.parent / f"{rel.name}.{segment:04d}{SHARD_SUFFIX}"
+
+
+def segment_chunks(max_seconds: float) -> int:
+    """Whole chunks per shard for a --max-seconds limit (at least one)."""
+    return max(1, int(max_seconds * SAMPLE_RATE) // CHUNK_SAMPLES)
+
+
+def run_preprocess(cfg: PreprocessConfig, plain: bool | None = None) -> PreprocessReport:
+    """Encode this process's part of cfg.in_dir into cfg.out_dir; rebuild the manifest when it owns the whole."""
+    in_dir, out_dir = Path(cfg.in_dir), Path(cfg.out_dir)
+    if not in_dir.is_dir():
+        raise FlowError(f"--in-dir {in_dir}: folder does not exist")
+    if cfg.max_seconds <= 0:
+        raise FlowError(f"--max-seconds must be positive, got {cfg.max_seconds}")
+    if not (cfg.num_shards >= 1 and 0 <= cfg.shard_index < cfg.num_shards):
+        raise FlowError(f"--shard-index {cfg.shard_index} must lie in [0, --num-shards {cfg.num_shards})")
+    files = find_audio(in_dir)
+    if not files:
+        raise FlowError(f"--in-dir {in_dir}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})")
+    mine = files[cfg.shard_index::cfg.num_shards]
+    codec = load_codec(cfg.codec, resolve_device(cfg.device), cfg.codec_ckpt, cfg.trust_codec_ckpt)
+    report = PreprocessReport()
+    with Reporter(len(mine), f"encoding ({cfg.codec})", plain=plain) as bar:
+        for rel in mine:
+            note = _process_file(codec, cfg, in_dir, out_dir, rel, report)
+            bar.advance(f"{rel.as_posix()}: {note}")
+    if cfg.num_shards == 1 and report.ok:
+        report.manifest = finalize(out_dir, cfg)
+    return report
+
+
+def finalize(out_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
+    """Rebuild manifest.json and latent statistics from the shards present in out_dir."""
+    extra = {"created_at": _now(), "preprocess": asdict(cfg) if cfg else None}
+    return build_manifest(out_dir, extra)
+
+
+def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Path, rel: Path,
+                  report: PreprocessReport) -> str:
+    src = in_dir / rel
+    stat = src.stat()
+    fingerprint = {"source": rel.as_posix(), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+                   "codec": codec.name, "codec_version": codec.version, "max_seconds": float(cfg.max_seconds)}
+    if not cfg.overwrite and _up_to_date(out_dir, rel, fingerprint):
+        report.up_to_date.append(rel.as_posix())
+        return "up to date"
+    try:
+        written, seconds = _encode_file(codec, cfg, src, out_dir, rel, fingerprint)
+    except AudioError as exc:
+        report.failed.append((rel.as_posix(), str(exc).removeprefix(f"{src}: ")))
+        return f"skipped ({report.failed[-1][1]})"
+    except (RuntimeError, ValueError, MemoryError) as exc:  # codec failure on this file only
+        report.failed.append((rel.as_posix(), f"encoding failed: {type(exc).__name__}: {str(exc)[:200]}"))
+        return "skipped (encoding failed)"
+    report.encoded.append(rel.as_posix())
+    report.shards_written += written
+    report.seconds_encoded += seconds
+    return f"{written} shard(s), {seconds:.1f} s"
+
+
+def _up_to_date(out_dir: Path, rel: Path, fingerprint: dict) -> bool:
+    first = read_meta(shard_path(out_dir, rel, 0))
+    if first is None or any(first.get(k) != v for k, v in fingerprint.items()):
+        return False
+    n = int(first.get("n_segments", 0))
+    return n >= 1 and all(shard_path(out_dir, rel, s).exists() for s in range(1, n))
+
+
+def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, rel: Path,
+                 fingerprint: dict) -> tuple[int, float]:
+    info = audio_info(src)
+    if info.frames <= 0:
+        raise AudioError(f"{src}: empty file (no audio samples)")
+    seg_chunks = segment_chunks(cfg.max_seconds)
+    seg_samples = seg_chunks * CHUNK_SAMPLES
+    n_chunks_est = info.frames_48k // CHUNK_SAMPLES
+    if n_chunks_est < 1:
+        raise AudioError(f"{src}: {info.seconds:.2f} s is shorter than one codec chunk "
+                         f"({CHUNK_SAMPLES / SAMPLE_RATE:.3f} s)")
+    n_segments = math.ceil(n_chunks_est / seg_chunks)
+    created = _now()
+    buffer, buffered, segment, written, seconds = [], 0, 0, 0, 0.0
+
+    lookahead = getattr(codec, "lookahead_samples", 0)
+
+    def flush(wave: np.ndarray, chunks: int) -> None:
+        """Encode `chunks` whole chunks from the start of wave (which may run on by the codec's lookahead)."""
+        nonlocal segment, written, seconds
+        if chunks == 0:
+            return
+        latents = codec.encode(torch.from_numpy(np.ascontiguousarray(wave)))[:chunks]  # (chunks, 8, 64)
+        meta = {**fingerprint, "segment": segment, "n_segments": n_segments,
+                "start_s": segment * seg_samples / SAMPLE_RATE, "duration_s": chunks * CHUNK_SAMPLES / SAMPLE_RATE,
+                "chunks": chunks, "sample_rate": SAMPLE_RATE, "source_sample_rate": info.sample_rate,
+                "source_channels": info.channels, "created_at": created}
+        save_shard(shard_path(out_dir, rel, segment), latents, meta)
+        segment, written, seconds = segment + 1, written + 1, seconds + meta["duration_s"]
+
+    for block in iter_audio_blocks(src):
+        buffer.append(block)
+        buffered += block.shape[1]
+        if buffered >= seg_samples + lookahead:
+            wave = np.concatenate(buffer, axis=1)
+            while wave.shape[1] >= seg_samples + lookahead:  # a segment plus what its last chunk reads
+                flush(wave[:, :seg_samples + lookahead], seg_chunks)
+                wave = wave[:, seg_samples:]
+            buffer, buffered = [wave], wave.shape[1]
+    if buffered:
+        wave = np.concatenate(buffer, axis=1)
+        flush(wave, wave.shape[1] // CHUNK_SAMPLES)
+    if written == 0:
+        raise AudioError(f"{src}: shorter than one codec chunk after decoding")
+    if segment != n_segments:  # header length was approximate (e.g. mp3): record the true count
+        for s in range(segment):
+            path = shard_path(out_dir, rel, s)
+            shard = torch.load(str(path), map_location="cpu", weights_only=True)
+            shard["meta"]["n_segments"] = segment
+            save_shard(path, shard["latents"], shard["meta"])
+    _remove_stale(out_dir, rel, segment)
+    return written, seconds
+
+
+def _remove_stale(out_dir: Path, rel: Path, n_segments: int) -> None:
+    """Delete segment shards left over from an older, longer version of the same file."""
+    s = n_segments
+    while shard_path(out_dir, rel, s).exists():
+        shard_path(out_dir, rel, s).unlink()
+        s += 1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def summary_lines(report: PreprocessReport, elapsed: float) -> list[str]:
+    """What the run did, for the terminal."""
+    lines = [f"encoded {len(report.encoded)} file(s) into {report.shards_written} shard(s) "
+             f"({report.seconds_encoded / 60:.1f} min of audio) in {elapsed:.1f} s; "
+             f"{len(report.up_to_date)} already up to date; {len(report.failed)} skipped"]
+    lines += [f"  skipped {src}: {why}" for src, why in report.failed]
+    if report.manifest:
+        m = report.manifest
+        lines.append(f"manifest: {len(m['shards'])} shard(s), {m['hours']:.2f} h usable, codec {m['codec']} {m['codec_version']}")
+    return lines
+
+
+
+def preprocess_main(cfg: PreprocessConfig, plain: bool | None = None) -> PreprocessReport:
+    """run_preprocess, split across processes when launched by torchrun (each rank encodes its part)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or cfg.num_shards != 1:
+        return run_preprocess(cfg, plain)
+    import torch.distributed as dist
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = cfg.device
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    try:
+        part = replace(cfg, num_shards=world, shard_index=rank, device=device)
+        report = run_preprocess(part, plain)
+        dist.barrier()  # every rank's shards are on disk before rank 0 counts them
+        if rank == 0:
+            report.manifest = finalize(cfg.out_dir, cfg)
+        return report
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""Progress reporting: a rich bar with ETA on a terminal, plain log lines elsewhere (CI, files, notebooks)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+
+def interactive() -> bool:
+    """True when stdout is a terminal a person is watching."""
+    return sys.stdout.isatty()
+
+
+class Reporter:
+    """Counts work items; draws a bar on a terminal, prints one line per item otherwise."""
+
+    def __init__(self, total: int, description: str, unit: str = "item", plain: bool | None = None):
+        self.total, self.description, self.unit = total, description, unit
+        self.plain = (not interactive()) if plain is None else plain
+        self.done, self.t0 = 0, time.perf_counter()
+        self._bar: Progress | None = None
+
+    def __enter__(self) -> "Reporter":
+        if not self.plain:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console())
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, note="")
+        return self
+
+    def advance(self, note: str = "", n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, note=note)
+        else:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(f"[{self.done}/{self.total}] {note}  (elapsed {elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
+
+    def log(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self._bar is not None:
+            self._bar.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
