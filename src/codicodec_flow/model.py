@@ -1,0 +1,203 @@
+"""FlowDiT: a block-causal diffusion transformer over codec latent tokens, predicting flow velocity.
+
+Attention is bidirectional inside a chunk of 8 tokens, causal across chunks and limited to a
+sliding window of `context_chunks` past chunks. `forward` runs any token layout under an explicit
+boolean mask (training uses two streams, see flow.py); `forward_cached` evaluates one new chunk
+against a KVCache and can commit it. Both compute the same function: rotary positions make
+attention depend only on token offsets, so the cache can use window-relative positions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import ModelConfig
+from .rope import apply_rope, rope_table
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+class TimeEmbedding(nn.Module):
+    """Per-token time t in [0, 1] -> conditioning vector (sinusoidal features + MLP)."""
+
+    def __init__(self, freq_dim: int, cond_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[..., None] * freqs  # (B, L, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, L, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, L, cond_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> q, k (normalised, not yet rotated), v, each (B, H, L, hd)."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, Lq, hd) over k, v (B, H, Lk, hd) where mask (B, 1, Lq, Lk) is True -> (B, Lq, D)."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, hd)
+        return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block: per-token shift/scale/gate from the time embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = 64 * math.ceil(cfg.mlp_ratio * cfg.dim / 64)
+        self.norm1, self.norm2 = RMSNorm(cfg.dim, affine=False), RMSNorm(cfg.dim, affine=False)
+        self.attn = Attention(cfg)
+        self.w12 = nn.Linear(cfg.dim, 2 * hidden, bias=False)  # SwiGLU gate and value
+        self.w3 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_dim, 6 * cfg.dim))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+    def forward(self, x, c, rope, attend) -> torch.Tensor:
+        """x (B, L, D), c (B, L, C); `attend(q, k, v)` supplies keys/values beyond this call (the cache)."""
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)  # 6 x (B, L, D)
+        q, k, v = self.attn.project(modulate(self.norm1(x), sh1, sc1))
+        cos, sin = rope
+        x = x + g1 * attend(apply_rope(q, cos, sin), k, v)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FlowDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.proj_in = nn.Linear(cfg.latent_dim, cfg.dim)
+        self.time = TimeEmbedding(cfg.time_freq_dim, cfg.cond_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = RMSNorm(cfg.dim, affine=False)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_dim, 2 * cfg.dim))
+        self.proj_out = nn.Linear(cfg.dim, cfg.latent_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; adaLN modulations and the output projection start at zero (adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[1].weight)
+            nn.init.zeros_(block.ada[1].bias)
+        for layer in (self.ada_out[1], self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self.proj_out(modulate(self.norm_out(h), shift, scale))  # (B, L, latent_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), mask (B|1, 1, L, L)."""
+        h = self.proj_in(x)  # (B, L, D)
+        c = self.time(t)  # (B, L, C)
+        rope = rope_table(pos, self.head_dim, self.cfg.rope_base, x.device)
+        for block in self.blocks:
+            h = block(h, c, rope, lambda q, k, v, blk=block: blk.attn.attend(q, apply_rope(k, *rope), v, mask))
+        return self._head(h, c)
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for `batch` streams, preallocated for the model's window."""
+        p = next(self.parameters())
+        return KVCache.empty(self.cfg, batch, device or p.device, dtype or p.dtype)
+
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, commit: bool = False,
+                       use_context: bool = True) -> torch.Tensor:
+        """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
+
+        commit=True also writes the chunk's keys/values into the cache (call it on the finished,
+        clean chunk, at its context-noise time); use_context=False ignores the past (the
+        unconditional branch for classifier-free guidance).
+        """
+        cache.prepare()
+        mask = cache.query_mask(use_context)  # (B, 1, 1, W*8 + 8)
+        h = self.proj_in(x)  # (B, 8, D)
+        c = self.time(t)  # (B, 8, C)
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, i=i):
+                keys, values = cache.stage(i, k, v)  # scratch slots hold this chunk's k (rotated), v
+                return self.blocks[i].attn.attend(q, keys, values, mask)
+            h = block(h, c, cache.query_rope, attend)
+        if commit:
+            cache.commit()
+        return self._head(h, c)
+
+
+def stream_mask(n_chunks: int, window: int, chunk_tokens: int = 8, uncond: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Attention mask (B, 1, 2L, 2L) for a clean stream followed by a noisy stream of the same n chunks.
+
+    Clean chunk j sees clean chunks j-W..j; noisy chunk i sees clean chunks i-W..i-1 (none where
+    uncond[b, i]) and itself; clean never sees noisy. Cross-chunk links to chunks that are not
+    valid[b, j] (padding) are cut; every token still sees its own chunk, so no row is empty.
+    """
+    L = n_chunks * chunk_tokens
+    ci = torch.arange(L, device=device) // chunk_tokens  # (L,) chunk of each token
+    lag = ci[:, None] - ci[None, :]  # (L, L) query chunk - key chunk
+    same = lag == 0
+    clean = (lag >= 0) & (lag <= window)  # (L, L)
+    past = (lag >= 1) & (lag <= window)
+    B = 1 if uncond is None and valid is None else (uncond if uncond is not None else valid).shape[0]
+    past = past.expand(B, L, L)
+    clean = clean.expand(B, L, L)
+    if valid is not None:
+        key_ok = valid.to(device)[:, ci][:, None, :]  # (B, 1, L)
+        clean = (clean & key_ok) | same
+        past = past & key_ok
+    if uncond is not None:
+        past = past & ~uncond.to(device)[:, ci][:, :, None]  # (B, L, 1) rows of unconditional chunks
+    none = torch.zeros(B, L, L, dtype=torch.bool, device=device)
+    top = torch.cat([clean, none], dim=2)  # (B, L, 2L) clean queries
+    bottom = torch.cat([past, same.expand(B, L, L)], dim=2)  # (B, L, 2L) noisy queries
+    return torch.cat([top, bottom], dim=1)[:, None]  # (B, 1, 2L, 2L)
+
+
+def clean_mask(n_chunks: int, window: int, chunk_tokens: int = 8, device=None) -> torch.Tensor:
+    """Mask (1, 1, L, L) for a clean stream alone: chunk j sees chunks j-W..j."""
+    ci = torch.arange(n_chunks * chunk_tokens, device=device) // chunk_tokens
+    lag = ci[:, None] - ci[None, :]
+    return ((lag >= 0) & (lag <= window))[None, None]
