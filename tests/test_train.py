@@ -1,0 +1,160 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codicodec_flow.checkpoint import load_bundle, load_checkpoint
+from codicodec_flow.cli import main
+from codicodec_flow.data import load_latents, validation_crops
+from codicodec_flow.errors import CheckpointError, FlowError
+from codicodec_flow.flow import validation_loss
+from codicodec_flow.train import plan_run, run_train
+from conftest import write_latent_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drifting_chords(chunks: int, seed: int, rho: float = 0.98) -> torch.Tensor:
+    """(chunks, 8, 64): one slowly drifting vector per chunk (AR(1), stationary N(0, 1)) plus a little jitter.
+
+    Without context each chunk looks like fresh Gaussian noise; with the previous chunk it is
+    almost known, so a model that uses its context must score far better.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c = torch.empty(chunks, 64)
+    c[0] = torch.randn(64, generator=g)
+    for k in range(1, chunks):
+        c[k] = rho * c[k - 1] + (1 - rho ** 2) ** 0.5 * torch.randn(64, generator=g)
+    return c[:, None, :] + 0.05 * torch.randn(chunks, 8, 64, generator=g)
+
+
+def tiny_run(data_dir, out_dir, resume=False, flow=None, **over):
+    train = dict(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", batch_size=4, crop_tokens=64,
+                 max_steps=6, lr=1e-3, warmup_steps=2, save_every=100, val_every=3, log_every=1, tui=False,
+                 ema_decay=0.9, dtype="fp32")
+    train.update(over)
+    return plan_run(train, {}, flow or {}, "tiny", resume)
+
+
+def test_learns_to_use_its_context(tmp_path):
+    """Trained for a minute on a predictable process, the model's next-chunk loss with context is far
+    below its own loss without context (its unconditional branch), where context matters (t >= 0.5)."""
+    data = write_latent_dir(tmp_path / "lat", {f"f{i}.wav": drifting_chords(80, i) for i in range(30)})
+    run_train(tiny_run(data, tmp_path / "run", flow={"t_dist": "uniform"}, max_steps=1000, lr=1e-2,
+                       warmup_steps=10, val_every=1000, log_every=200, batch_size=16, ema_decay=0.95))
+    bundle = load_bundle(tmp_path / "run" / "ema.pt")
+    d = load_latents(data)
+    crops = validation_crops(d.val, d.stats, 8)
+    with_ctx = validation_loss(bundle.model, crops, 0.02, "cpu")["by_t"]
+    without = validation_loss(bundle.model, crops, 0.02, "cpu", use_context=False)["by_t"]
+    high = [t for t in with_ctx if t >= 0.5]
+    cond = sum(with_ctx[t] for t in high) / len(high)
+    uncond = sum(without[t] for t in high) / len(high)
+    assert cond < 0.5 * uncond, (with_ctx, without)
+
+
+def test_resume_is_bit_exact(ar_data, tmp_path):
+    """N steps straight == N/2 steps, stop, --resume, N/2 steps: identical weights, EMA and optimiser."""
+    run_train(tiny_run(ar_data, tmp_path / "straight"))
+    run_train(tiny_run(ar_data, tmp_path / "split"), stop_at=3)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 3
+    run_train(tiny_run(ar_data, tmp_path / "split", resume=True))
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_writes_are_atomic(ar_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_train(tiny_run(ar_data, out, max_steps=2))
+    before = (out / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_run(ar_data, out, max_steps=4, resume=True))
+    assert (out / "last.pt").read_bytes() == before
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert not list(out.glob("*.tmp"))
+
+
+def test_checkpoints_are_self_contained(ar_data, tmp_path):
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=3))
+    ema = load_checkpoint(tmp_path / "run" / "ema.pt")
+    assert set(ema) >= {"model", "config", "stats", "codec", "step"} and "optimizer" not in ema
+    assert ema["codec"]["name"] == "spectral"
+    bundle = load_bundle(tmp_path / "run" / "ema.pt")
+    assert bundle.model_cfg.context_chunks == 4 and bundle.stats.mean.shape == (64,)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert any('"kind": "val"' in line for line in metrics) and any('"kind": "train"' in line for line in metrics)
+
+
+def test_resume_refuses_changed_settings(ar_data, tmp_path):
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2))
+    with pytest.raises(FlowError, match="--resume"):
+        tiny_run(ar_data, tmp_path / "run")  # fresh start over an existing run
+    with pytest.raises(CheckpointError, match="batch_size"):
+        tiny_run(ar_data, tmp_path / "run", resume=True, batch_size=8)
+    with pytest.raises(CheckpointError, match="dim"):
+        plan_run({"data_dir": str(ar_data), "out_dir": str(tmp_path / "run")}, {"dim": 128}, {}, "tiny", True)
+    with pytest.raises(CheckpointError, match="no .*last.pt"):
+        tiny_run(ar_data, tmp_path / "other", resume=True)
+
+
+def test_bad_inputs_give_clear_errors(ar_data, tmp_path, capsys):
+    def train(*extra):
+        return main(["train", "--data-dir", str(extra[0]), "--out-dir", str(tmp_path / "r"), "--preset", "tiny",
+                     "--device", "cpu", "--max-steps", "1", "--no-tui", *extra[1:]])
+
+    assert train(tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train(tmp_path / "empty") == 2
+    assert "manifest.json: missing" in capsys.readouterr().err
+    torch.save({"latents": torch.zeros(3, 4, 64), "meta": {}}, ar_data / "song0.wav.0000.pt")
+    assert train(ar_data) == 2
+    err = capsys.readouterr().err
+    assert "song0.wav.0000.pt" in err and "expected (T, 8, 64)" in err and "Traceback" not in err
+
+
+def test_crop_tokens_must_be_chunk_aligned(ar_data, tmp_path):
+    with pytest.raises(FlowError, match="multiple of 8"):
+        run_train(tiny_run(ar_data, tmp_path / "run", crop_tokens=60))
+
+
+def test_cli_train_end_to_end(ar_data, tmp_path, capsys):
+    code = main(["train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "run"), "--preset", "tiny",
+                 "--device", "cpu", "--max-steps", "4", "--batch-size", "2", "--crop-tokens", "64", "--no-tui",
+                 "--val-every", "2", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 0 and "M parameters" in out and "h usable" in out and (tmp_path / "run" / "ema.pt").exists()
+
+
+def test_bf16_autocast_trains_on_cpu(ar_data, tmp_path):
+    metrics = run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2, dtype="bf16"))
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_ddp_two_cpu_processes(ar_data, tmp_path):
+    """torchrun with 2 processes and gloo: both train, rank 0 writes the checkpoint."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "codicodec_flow", "train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "run"),
+           "--preset", "tiny", "--device", "cpu", "--max-steps", "3", "--batch-size", "2", "--crop-tokens", "64",
+           "--no-tui", "--dtype", "fp32", "--val-every", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x2" in proc.stdout
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["sampler"]["world"] == 2
