@@ -158,3 +158,16 @@ def test_ddp_two_cpu_processes(ar_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x2" in proc.stdout
     assert load_checkpoint(tmp_path / "run" / "last.pt")["sampler"]["world"] == 2
+
+
+def test_periodic_audio_samples(ar_data, tmp_path):
+    import soundfile as sf
+    from codicodec_flow.sample import training_sample_hook
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=4, audio_sample_every=2),
+              sample_hook=training_sample_hook(seconds=1.0))
+    run_train(tiny_run(ar_data, tmp_path / "cont", max_steps=2, audio_sample_every=2, audio_continuation=True),
+              sample_hook=training_sample_hook(continuation=True, seconds=1.0))
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step0000002.wav", "step0000004.wav"]
+    assert sf.info(str(tmp_path / "run" / "samples" / "step0000002.wav")).frames == 2 * 32768
+    assert sf.info(str(tmp_path / "cont" / "samples" / "step0000002.wav")).frames > 2 * 32768  # prompt + continuation
+    assert '"kind": "sample"' in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -140,21 +140,94 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.audio_continuation:
         given["audio_continuation"] = True
     run = plan_run(given, _given(a, _MODEL_FLAGS), _given(a, _FLOW_FLAGS), a.preset, a.resume)
-    metrics = run_train(run, sample_hook=_sample_hook())
+    from .sample import training_sample_hook
+    metrics = run_train(run, sample_hook=training_sample_hook(run.train.audio_continuation))
     print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoints in {a.out_dir}/ (ema.pt for sampling, last.pt to resume)")
     return 0
 
 
-def _sample_hook():
-    return None
+def _add_sampling_flags(p, solver_default: str, nfe_help: str) -> None:
+    from .solvers import SCHEDULES, SOLVERS
+    p.add_argument("--solver", default=solver_default, choices=sorted(SOLVERS), help=f"ODE solver (default {solver_default})")
+    p.add_argument("--nfe", type=int, default=None, help=nfe_help)
+    p.add_argument("--n-steps", type=int, default=None,
+                   help="ODE steps per chunk; NFE = steps x evaluations per step (euler, dpmpp, pingpong 1; "
+                        "heun, midpoint 2; rk4 4); give one of --nfe/--n-steps, or both if they agree")
+    p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="time grid (default linear)")
+    p.add_argument("--schedule-shift", type=float, default=1.0,
+                   help="SD3-style shift for --schedule shifted; > 1 spends more steps near noise (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the starting noise; < 1 conservative, > 1 more varied (default 1)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance strength; 1 = off, > 1 follows the context harder at twice the cost")
+    p.add_argument("--context-noise", type=float, default=0.02,
+                   help="noise level put on each generated chunk before it becomes context (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same output on the same device (default 0)")
+
+
+def _sample_config(a: argparse.Namespace, **extra):
+    from .config import SampleConfig
+    try:
+        return SampleConfig(solver=a.solver, nfe=a.nfe, n_steps=a.n_steps, schedule=a.schedule,
+                            schedule_shift=a.schedule_shift, temperature=a.temperature, cfg_scale=a.cfg_scale,
+                            context_noise=a.context_noise, seed=a.seed, **extra)
+    except ValueError as exc:
+        raise FlowError(str(exc)) from None
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="continue a prompt WAV (or generate from nothing) into WAV files",
+                       description="Generate audio with a trained checkpoint, one codec chunk at a time.")
+    p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
+    p.add_argument("--prompt-wav", default=None, help="audio to continue (any rate/channels); omit to start from nothing")
+    p.add_argument("--out", required=True, help="output WAV (48 kHz stereo); OUT_1.wav ... with --num-samples")
+    p.add_argument("--duration-s", type=float, default=20.0, help="seconds of continuation (default 20)")
+    _add_sampling_flags(p, "heun", "model evaluations per chunk (default 8)")
+    p.add_argument("--num-samples", type=int, default=1, help="variations generated together as one batch")
+    _common_device(p)
+    p.add_argument("--codec-ckpt", default=None, metavar="PATH", help="CoDiCodec weights file (see preprocess)")
+    p.add_argument("--trust-codec-ckpt", action="store_true", help="allow full unpickling of --codec-ckpt")
+    p.add_argument("--include-prompt", action="store_true", help="write the (decoded) prompt before the continuation")
+    p.add_argument("--decode", default="parallel", choices=("parallel", "stream"),
+                   help="codec decoding: whole sequence at once, or chunk by chunk with decode_next")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from .sample import run_sample
+    cfg = _sample_config(a, num_samples=a.num_samples)
+    r = run_sample(a.ckpt, a.out, cfg, a.prompt_wav, a.duration_s, a.device, a.codec_ckpt, a.trust_codec_ckpt,
+                   a.include_prompt, a.decode)
+    print(f"generated {r.chunks} chunks ({r.seconds_generated:.1f} s) per sample in {r.compute_seconds:.1f} s "
+          f"({r.realtime_factor:.1f}x real time, flow model)")
+    for wav, lat in zip(r.wavs, r.latents):
+        print(f"wrote {wav} (latents: {lat})")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline offline in minutes: songs -> latents -> model -> continuation",
+                       description="Make example music, preprocess it, train a small model briefly and continue a "
+                                   "prompt; writes WAVs and a spectrogram PNG.")
+    p.add_argument("--out-dir", default="demo_out", help="where everything goes (default demo_out)")
+    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES, help="compute device (default cpu)")
+    p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=lambda a: _run_demo(a))
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(a.out_dir, a.device, steps=a.steps, seed=a.seed)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codicodec-flow",
                                      description="Streaming music continuation in CoDiCodec's latent space.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_preprocess, _add_train, _add_smoke):
+    for add in (_add_preprocess, _add_train, _add_sample, _add_demo, _add_smoke):
         add(sub)
     return parser
 

@@ -91,3 +91,28 @@ def config_from_dict(cls, d: dict):
     """Rebuild a config dataclass from its asdict() form, ignoring keys this version does not know."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    solver: str = "heun"
+    nfe: int | None = None  # model evaluations per chunk; with n_steps None, 8 is used
+    n_steps: int | None = None
+    schedule: str = "linear"
+    schedule_shift: float = 1.0
+    temperature: float = 1.0  # scale of the starting noise (and of pingpong's re-injected noise)
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = off (no extra evaluations)
+    context_noise: float = 0.02  # noise level put on each finished chunk before it becomes context
+    seed: int = 0
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"--context-noise must lie in [0, 1), got {self.context_noise}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
+
+
+DEFAULT_NFE = 8

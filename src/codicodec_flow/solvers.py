@@ -146,10 +146,11 @@ def dpmpp(velocity: Velocity, x1: Tensor, ts: Tensor, generator: torch.Generator
 
 # ----------------------------------------------------------------------------- stochastic sampler
 
-def pingpong(velocity: Velocity, x1: Tensor, ts: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Predict x0 = x − t·v, then re-noise to the next time with fresh noise; 1 evaluation per step.
+def pingpong(velocity: Velocity, x1: Tensor, ts: Tensor, generator: torch.Generator | None = None,
+             noise_scale: float = 1.0) -> Tensor:
+    """Predict x0 = x − t·v, then re-noise to the next time with fresh noise × noise_scale; 1 evaluation per step.
 
-    Deterministic given ``generator`` (which must live on x's device). With a posterior-mean
+    Deterministic given ``generator`` (drawn on its own device, then moved to x's). With a posterior-mean
     model the output is narrower than the data (each x0 prediction is a conditional mean);
     the sampler suits few-step, distilled or consistency-style models that predict samples.
     """
@@ -159,8 +160,9 @@ def pingpong(velocity: Velocity, x1: Tensor, ts: Tensor, generator: torch.Genera
         if t_next == 0.0:
             x = x0
         else:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = (1.0 - t_next) * x0 + t_next * noise
+            where = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
+            x = (1.0 - t_next) * x0 + t_next * noise_scale * noise
     return x
 
 
@@ -215,7 +217,11 @@ def resolve_steps(solver: str, nfe: int | None, n_steps: int | None) -> int:
 
 
 def integrate(velocity: Velocity, x1: Tensor, solver: str, n_steps: int, schedule: str = "linear",
-              shift: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """Sample x0 from noise x1 (B, L, D) with the named solver over a fresh schedule."""
+              shift: float = 1.0, generator: torch.Generator | None = None, noise_scale: float = 1.0) -> Tensor:
+    """Sample x0 from noise x1 (B, L, D) with the named solver over a fresh schedule.
+
+    noise_scale scales the noise a stochastic solver re-injects (deterministic solvers have none).
+    """
     spec = get_solver(solver)
-    return spec.fn(velocity, x1, make_schedule(n_steps, schedule, shift), generator=generator)
+    extra = {"noise_scale": noise_scale} if spec.stochastic else {}
+    return spec.fn(velocity, x1, make_schedule(n_steps, schedule, shift), generator=generator, **extra)

@@ -162,11 +162,11 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
     from .dashboard import Monitor
     monitor = Monitor(out, cfg.max_steps, cfg.tui and main_proc, header) if main_proc else _Quiet()
     smooth, t_last, tokens_per_step = None, time.perf_counter(), cfg.batch_size * cfg.grad_accum * world * cfg.crop_tokens
+    interval_loss, interval_start = torch.zeros((), device=device), step
     metrics: dict = {}
     with monitor:
         while step < cfg.max_steps:
             model.train()
-            loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 g = step_generator(cfg.seed, rank, step, micro)
                 x, valid = random_crops(data.train, data.stats, cfg.batch_size, crop_chunks, g)
@@ -176,7 +176,7 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
                     with autocast(device, amp):
                         loss, _ = flow_loss(net, batch)
                     (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
+                interval_loss += loss.detach() / cfg.grad_accum  # stays on the device: no sync per step
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if torch.isfinite(grad_norm):
                 opt.step()
@@ -188,9 +188,10 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
             step += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss_val = float(loss_sum) / cfg.grad_accum
-                smooth = loss_val if smooth is None else 0.95 * smooth + 0.05 * loss_val
-                dt = (time.perf_counter() - t_last) / cfg.log_every
+                loss_val = float(interval_loss) / (step - interval_start)  # mean since the last log line
+                smooth = loss_val if smooth is None else 0.8 * smooth + 0.2 * loss_val
+                dt = (time.perf_counter() - t_last) / (step - interval_start)
+                interval_loss, interval_start = torch.zeros((), device=device), step
                 t_last = time.perf_counter()
                 metrics = {"kind": "train", "step": step, "loss": loss_val, "loss_smooth": smooth,
                            "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),

@@ -211,3 +211,13 @@ def _load_state_dict(path: Path, trusted: bool) -> dict:
     if not isinstance(ckpt, dict) or "gen_state_dict" not in ckpt:
         raise CodecError(f"{path} is not a CoDiCodec checkpoint: it has no 'gen_state_dict'. {HOW_TO}")
     return ckpt["gen_state_dict"]
+
+
+def installed_weights() -> Path | None:
+    """The weights file this machine already has ($CODICODEC_CKPT or the package's own), without downloading."""
+    if _IMPORT_ERROR is not None:
+        return None
+    env = os.environ.get("CODICODEC_CKPT")
+    candidates = [Path(env).expanduser()] if env else []
+    candidates.append(Path(cc_hparams_inference.load_path_inference_default))
+    return next((p for p in candidates if p.is_file()), None)

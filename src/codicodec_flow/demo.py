@@ -1,0 +1,85 @@
+"""The `demo` command: the whole path from audio to continuation, offline, on a CPU, in minutes.
+
+Writes example songs, preprocesses them (CoDiCodec when its weights are on this machine, else the
+built-in spectral codec), trains a small model briefly, continues a held-out prompt and writes the
+prompt, the continuation and a spectrogram of both. It shows the pipeline working; minutes of
+CPU training cannot promise musical quality.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .audio import read_audio, write_wav
+from .checkpoint import load_checkpoint
+from .codec import CHUNK_SAMPLES
+from .config import ModelConfig, PreprocessConfig, SampleConfig
+from .data import load_latents
+from .plots import spectrogram_png
+from .preprocess import run_preprocess, summary_lines
+from .progress import interactive
+from .sample import run_sample
+from .synth import write_songs
+from .train import plan_run, run_train
+
+DEMO_MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, cond_dim=128, context_chunks=8)
+
+
+def pick_codec(device: str) -> tuple[str, str]:
+    """codicodec when its weights are installed here, else spectral; and why."""
+    try:
+        from .codec.codicodec import installed_weights
+        weights = installed_weights()
+    except Exception:
+        weights = None
+    if weights is not None:
+        return "codicodec", f"CoDiCodec weights found at {weights}"
+    return "spectral", ("no CoDiCodec weights on this machine (set CODICODEC_CKPT to use them), so the built-in "
+                        "spectral codec stands in: expect rhythm and spectral envelope, not pitch or timbre")
+
+
+def run_demo(out_dir: str = "demo_out", device: str = "cpu", songs: int = 12, song_seconds: float = 30.0,
+             steps: int = 800, prompt_seconds: float = 4.0, continue_seconds: float = 12.0, seed: int = 0) -> dict:
+    """Run every stage into out_dir and return the paths it wrote."""
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    codec, why = pick_codec(device)
+    print(f"[1/5] writing {songs} example songs of {song_seconds:.0f} s to {out / 'audio'}")
+    write_songs(out / "audio", songs, song_seconds)
+    print(f"[2/5] preprocessing with the {codec} codec: {why}")
+    report = run_preprocess(PreprocessConfig(in_dir=str(out / "audio"), out_dir=str(out / "latents"), codec=codec,
+                                             device=device), plain=not interactive())
+    for line in summary_lines(report, time.perf_counter() - t0):
+        print("      " + line)
+    run_dir = out / "run"
+    done = (run_dir / "ema.pt").exists() and load_checkpoint(run_dir / "ema.pt").get("step") == steps
+    if done:
+        print(f"[3/5] reusing the model already trained in {run_dir} (delete that folder to train again)")
+    else:
+        print(f"[3/5] training a {DEMO_MODEL.dim}-wide, {DEMO_MODEL.n_layers}-layer model for {steps} steps")
+        train = dict(data_dir=str(out / "latents"), out_dir=str(run_dir), device=device, batch_size=8, crop_tokens=128,
+                     max_steps=steps, lr=2e-3, warmup_steps=20, save_every=steps, val_every=steps // 2,
+                     log_every=max(1, steps // 10), ema_decay=0.99, tui=interactive(), seed=seed)
+        model = {k: v for k, v in asdict(DEMO_MODEL).items()}
+        run_train(plan_run(train, model, {}, "default", resume=(run_dir / "last.pt").exists()))
+    data = load_latents(out / "latents")
+    source = (data.val or data.train)[0].source.removesuffix(" (tail)")
+    wave = read_audio(out / "audio" / source)
+    n_prompt = max(1, int(prompt_seconds * 48000) // CHUNK_SAMPLES)
+    prompt = write_wav(out / "prompt.wav", wave[:, : n_prompt * CHUNK_SAMPLES])
+    print(f"[4/5] continuing {prompt_seconds:.0f} s of the held-out song {source} for {continue_seconds:.0f} s")
+    both = run_sample(str(run_dir / "ema.pt"), str(out / "prompt_and_continuation.wav"),
+                      SampleConfig(solver="heun", nfe=8, seed=seed), str(prompt), continue_seconds, device,
+                      include_prompt=True, plain=not interactive())
+    decoded = read_audio(both.wavs[0])  # the prompt as the codec renders it (like for like), then the continuation
+    cut = n_prompt * CHUNK_SAMPLES
+    cont = write_wav(out / "continuation.wav", decoded[:, cut:])
+    png = spectrogram_png([("prompt", decoded[:, :cut]), ("continuation", decoded[:, cut:])],
+                          out / "spectrogram.png", title=f"demo: {codec} codec, {steps} training steps")
+    paths = {"prompt": prompt, "continuation": cont, "both": both.wavs[0], "spectrogram": png,
+             "checkpoint": run_dir / "ema.pt"}
+    print(f"[5/5] done in {time.perf_counter() - t0:.0f} s; generation ran at {both.realtime_factor:.1f}x real time")
+    for name, path in paths.items():
+        print(f"      {name:13s} {path}")
+    return paths

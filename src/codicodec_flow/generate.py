@@ -1,0 +1,135 @@
+"""Streaming generation: prefill a prompt into the cache, then one chunk at a time, at constant cost.
+
+Per chunk: draw noise x(1) = temperature * eps, integrate the flow ODE to t = 0 evaluating only the
+new chunk's 8 tokens against the cache (the cache is read, never changed), then commit the finished
+chunk once, lightly re-noised to `context_noise` (the level the model was trained to expect on its
+context), into the ring. Memory and time per chunk stay flat however long the stream runs.
+
+Temperature: the ODE starts from temperature * N(0, I) instead of N(0, I) (pingpong also scales the
+noise it re-injects). Below 1 the output is more conservative, above 1 more varied.
+Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), with the model's own
+unconditional branch (the chunk attends only to itself); cfg_scale = 1 skips it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DEFAULT_NFE, SampleConfig
+from .data import denormalise, normalise
+from .devices import autocast
+from .errors import FlowError
+from .model import FlowDiT, clean_mask
+from .shards import LatentStats
+from .solvers import get_solver, integrate, resolve_steps
+
+
+def sampling_steps(cfg: SampleConfig) -> int:
+    """ODE steps per chunk for cfg's solver (NFE = evals per step x steps; default NFE 8)."""
+    nfe = DEFAULT_NFE if cfg.nfe is None and cfg.n_steps is None else cfg.nfe
+    if nfe is not None and cfg.n_steps is None:
+        k = get_solver(cfg.solver).evals_per_step
+        if cfg.nfe is None and nfe % k:
+            nfe = k * max(1, round(nfe / k))  # the default adapts to the solver; a given --nfe must fit
+    return resolve_steps(cfg.solver, nfe, cfg.n_steps)
+
+
+@dataclass
+class ChunkTiming:
+    index: int  # absolute chunk index in the stream
+    seconds: float
+
+
+class StreamGenerator:
+    """Generates chunk after chunk for a batch of streams against one KVCache."""
+
+    def __init__(self, model: FlowDiT, stats: LatentStats, cfg: SampleConfig, device: torch.device,
+                 amp: torch.dtype | None = None):
+        self.model, self.stats, self.cfg, self.device, self.amp = model, stats, cfg, torch.device(device), amp
+        self.batch = cfg.num_samples
+        self.steps = sampling_steps(cfg)
+        self.cache = model.new_cache(self.batch, self.device, next(model.parameters()).dtype)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
+        self.tokens = model.cfg.chunk_tokens
+        self.chunks_done = 0
+
+    def _noise(self) -> torch.Tensor:
+        return torch.randn(self.batch, self.tokens, self.model.cfg.latent_dim, generator=self.generator).to(self.device)
+
+    def _times(self, value: float) -> torch.Tensor:
+        return torch.full((self.batch, self.tokens), value, device=self.device)
+
+    @torch.inference_mode()
+    def commit(self, x: torch.Tensor) -> None:
+        """Make a finished, normalised chunk x (B, 8, 64) context: re-noise to context_noise, write the cache."""
+        s = self.cfg.context_noise
+        ctx = (1 - s) * x + s * self._noise()
+        with autocast(self.device, self.amp):
+            self.model.forward_cached(ctx, self._times(s), self.cache, commit=True)
+
+    @torch.inference_mode()
+    def prefill(self, latents: torch.Tensor) -> None:
+        """Commit a prompt's raw codec latents (T, 8, 64) or (B, T, 8, 64): its last W chunks become the context."""
+        if latents.ndim == 3:
+            latents = latents.expand(self.batch, *latents.shape)
+        z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
+        for k in range(max(0, z.shape[1] - self.model.cfg.context_chunks), z.shape[1]):
+            self.commit(z[:, k])
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
+        with autocast(self.device, self.amp):
+            v = self.model.forward_cached(x, t, self.cache).float()
+            if self.cfg.cfg_scale != 1.0:
+                v_u = self.model.forward_cached(x, t, self.cache, use_context=False).float()
+                v = v_u + self.cfg.cfg_scale * (v - v_u)
+        return v
+
+    @torch.inference_mode()
+    def next_chunk(self) -> torch.Tensor:
+        """Generate, commit and return the next chunk as raw codec latents (B, 8, 64) on the CPU."""
+        x1 = self.cfg.temperature * self._noise()
+        x0 = integrate(self.velocity, x1, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
+                       self.generator, noise_scale=self.cfg.temperature)
+        self.commit(x0)
+        self.chunks_done += 1
+        return denormalise(x0.float(), self.stats).cpu()
+
+    def generate(self, n_chunks: int, on_chunk=None) -> torch.Tensor:
+        """n_chunks more chunks, (B, n, 8, 64); on_chunk(i, latents) is called after each."""
+        out = []
+        for i in range(n_chunks):
+            out.append(self.next_chunk())
+            if on_chunk is not None:
+                on_chunk(i, out[-1])
+        return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, self.tokens, self.model.cfg.latent_dim)
+
+
+class WindowRerunGenerator(StreamGenerator):
+    """The reference approach the cache exists to beat: every evaluation re-runs the model over the
+    whole window of past chunks plus the new one. Same model, same maths for the first W chunks;
+    cost grows with the window instead of staying at 8 tokens."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        W, T, D = self.model.cfg.context_chunks, self.tokens, self.model.cfg.latent_dim
+        self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
+        self.W = W
+
+    def commit(self, x: torch.Tensor) -> None:
+        s = self.cfg.context_noise
+        ctx = (1 - s) * x + s * self._noise()
+        self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
+
+    @torch.inference_mode()
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.cfg_scale != 1.0:
+            raise FlowError("the window re-run reference does not implement guidance")
+        n = self.context.shape[1] + 1
+        seq = torch.cat([self.context.flatten(1, 2), x], dim=1)  # (B, n * 8, D)
+        times = torch.cat([torch.full(self.context.shape[:2], self.cfg.context_noise, device=self.device)
+                           .repeat_interleave(self.tokens, 1), t], dim=1)  # (B, n * 8)
+        with autocast(self.device, self.amp):
+            out = self.model(seq, times, torch.arange(n * self.tokens), clean_mask(n, self.W, self.tokens, self.device))
+        return out[:, -self.tokens:].float()
