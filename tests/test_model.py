@@ -124,3 +124,23 @@ def test_clean_stream_is_causal():
     out[0, 8 * 2: 8 * 3].sum().backward()
     g = x.grad[0].abs().sum(-1).view(n, 8).sum(-1)
     assert (g[:3] > 0).all() and (g[3:] == 0).all()
+
+
+def test_narrowed_context_equals_a_model_with_a_smaller_window():
+    """cache.set_active(w) makes a W-window model attend like the same weights with window w."""
+    m = randomised()
+    narrow = FlowDiT(ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=1))
+    narrow.load_state_dict(m.state_dict())
+    n, L = 5, 40
+    g = torch.Generator().manual_seed(2)
+    clean, noisy = torch.randn(1, L, 64, generator=g), torch.randn(1, L, 64, generator=g)
+    s, t = torch.full((1, L), 0.02), torch.full((1, L), 0.6)
+    full = narrow(torch.cat([clean, noisy], 1), torch.cat([s, t], 1), torch.arange(L).repeat(2), stream_mask(n, 1))
+    cache = m.new_cache(1)
+    cache.set_active(1)
+    with torch.no_grad():
+        for i in range(n):
+            sl = slice(8 * i, 8 * i + 8)
+            v = m.forward_cached(noisy[:, sl], t[:, sl], cache)
+            torch.testing.assert_close(v, full[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
+            m.forward_cached(clean[:, sl], s[:, sl], cache, commit=True)

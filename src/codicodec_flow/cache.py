@@ -27,6 +27,7 @@ class KVCache:
     window: int  # W, chunks of context
     chunk_tokens: int  # 8
     n: int = 0  # chunks committed so far = absolute index of the chunk being evaluated
+    active: int | None = None  # attend to only the last `active` chunks (None: the whole window W)
     _prepared_for: int = -1
     _masks: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
@@ -53,6 +54,13 @@ class KVCache:
         """Forget the past (buffers are kept; masks hide stale slots)."""
         self.n, self._prepared_for, self._masks = 0, -1, None
 
+    def set_active(self, chunks: int | None) -> None:
+        """Limit attention to the last `chunks` chunks (1..W), e.g. a live control; None restores W."""
+        if chunks is not None and not 1 <= chunks <= self.window:
+            raise ValueError(f"context must be 1..{self.window} chunks, got {chunks}")
+        self.active = None if chunks == self.window else chunks
+        self._prepared_for = -1
+
     def prepare(self) -> None:
         """Rotate the ring's keys to positions relative to chunk n; once per chunk, not per step."""
         if self._prepared_for == self.n:
@@ -62,13 +70,14 @@ class KVCache:
         idx = (slot_pos[:, None] + torch.arange(T)).flatten().to(self.cos.device)  # (W * 8,)
         R = self.ring_tokens
         self.k_rot[..., :R, :] = apply_rope(self.k[..., :R, :], self.cos[idx], self.sin[idx])
+        age = (self.n - torch.arange(W) - 1) % W + 1  # slot s holds the chunk `age` steps back
         valid = torch.zeros(W + 1, dtype=torch.bool)
-        valid[: min(self.n, W)] = True  # slots written so far (all of them once the ring has filled)
+        valid[:W] = (torch.arange(W) < min(self.n, W)) & (age <= (self.active or W))  # written, inside the window
         valid[W] = True  # scratch: the chunk itself
         ctx = valid.repeat_interleave(T).to(self.cos.device)[None, None, None]  # (1, 1, 1, (W + 1) * 8)
         own = torch.zeros_like(ctx)
         own[..., R:] = True
-        self._masks = (None if self.n >= W else ctx, own)  # no mask at all in the steady state
+        self._masks = (None if bool(valid.all()) else ctx, own)  # no mask at all in the steady state
         self._prepared_for = self.n
 
     def query_mask(self, use_context: bool) -> torch.Tensor | None:
