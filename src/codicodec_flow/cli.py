@@ -223,11 +223,47 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    from .evaluate import EvalConfig
+    d = EvalConfig("", "")
+    p = sub.add_parser("eval", help="generation quality on held-out latents: loss, continuations, drift, plots",
+                       description="Evaluate a checkpoint on a latent folder it was not trained on; writes eval.json "
+                                   "and PNG plots.")
+    p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt)")
+    p.add_argument("--data-dir", required=True, help="held-out latent folder (from preprocess)")
+    p.add_argument("--out-dir", default=d.out_dir, help=f"where eval.json and plots go (default {d.out_dir})")
+    p.add_argument("--train-dir", default=None, help="the training latents, for the memorisation check")
+    p.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts cut from the held-out data (default {d.prompts})")
+    p.add_argument("--prompt-chunks", type=int, default=d.prompt_chunks, help=f"chunks per prompt (default {d.prompt_chunks})")
+    p.add_argument("--continuation-chunks", type=int, default=d.continuation_chunks,
+                   help=f"generated chunks compared with the real ones (default {d.continuation_chunks})")
+    p.add_argument("--rollout-chunks", type=int, default=d.rollout_chunks,
+                   help=f"length of the long-horizon rollout, 0 to skip (default {d.rollout_chunks}, ~11 min)")
+    p.add_argument("--no-audio", action="store_true", help="skip decoding audio for the spectrogram")
+    _add_sampling_flags(p, "heun", "model evaluations per chunk (default 8)")
+    _common_device(p)
+    p.add_argument("--codec-ckpt", default=None, metavar="PATH", help="CoDiCodec weights file (for the spectrogram)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, run_eval, summary
+    if a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks) < 1 or a.rollout_chunks < 0:
+        raise FlowError("--prompts must be >= 2, --prompt-chunks and --continuation-chunks >= 1, --rollout-chunks >= 0")
+    cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
+                     a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, audio=not a.no_audio)
+    report = run_eval(cfg, _sample_config(a))
+    for line in summary(report):
+        print(line)
+    print(f"all figures: {a.out_dir}/eval.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codicodec-flow",
                                      description="Streaming music continuation in CoDiCodec's latent space.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_preprocess, _add_train, _add_sample, _add_demo, _add_smoke):
+    for add in (_add_preprocess, _add_train, _add_sample, _add_eval, _add_demo, _add_smoke):
         add(sub)
     return parser
 

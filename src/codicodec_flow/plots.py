@@ -63,3 +63,40 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def curves_png(panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], path: str | Path,
+               title: str = "", xlabel: str = "step") -> Path:
+    """One panel per (ylabel, {series name: (xs, ys)}), stacked vertically."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), dpi=100, squeeze=False)
+    for ax, (ylabel, series) in zip(axes[:, 0], panels):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=name, lw=1.2)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="best", fontsize=8)
+    axes[-1, 0].set_xlabel(xlabel)
+    axes[0, 0].set_title(title)
+    return _save(fig, path)
+
+
+def training_curves_png(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
+    """Loss and validation curves from a run's metrics.jsonl (None if it has no training records)."""
+    import json
+    train, val = ([], []), ([], [])
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if r.get("kind") == "train" and "loss" in r:
+            train[0].append(r["step"])
+            train[1].append(r["loss"])
+        elif r.get("kind") == "val" and "val_loss" in r:
+            val[0].append(r["step"])
+            val[1].append(r["val_loss"])
+    if not train[0]:
+        return None
+    panels = [("loss", {"train": train, **({"validation": val} if val[0] else {})})]
+    return curves_png(panels, path, title=f"training curves ({Path(metrics_jsonl).parent.name})")

@@ -17,8 +17,10 @@ def interactive() -> bool:
 class Reporter:
     """Counts work items; draws a bar on a terminal, prints one line per item otherwise."""
 
-    def __init__(self, total: int, description: str, unit: str = "item", plain: bool | None = None):
+    def __init__(self, total: int, description: str, unit: str = "item", plain: bool | None = None,
+                 plain_every_s: float = 0.0):
         self.total, self.description, self.unit = total, description, unit
+        self.plain_every_s, self._last_line = plain_every_s, float("-inf")
         self.plain = (not interactive()) if plain is None else plain
         self.done, self.t0 = 0, time.perf_counter()
         self._bar: Progress | None = None
@@ -36,8 +38,9 @@ class Reporter:
         self.done += n
         if self._bar is not None:
             self._bar.update(self._task, advance=n, note=note)
-        else:
-            elapsed = time.perf_counter() - self.t0
+        elif self.done == self.total or time.perf_counter() - self._last_line >= self.plain_every_s:
+            self._last_line = time.perf_counter()
+            elapsed = self._last_line - self.t0
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             print(f"[{self.done}/{self.total}] {note}  (elapsed {elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
 

@@ -88,7 +88,7 @@ def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = 
     if prompt is not None:
         gen.prefill(prompt)
     n = math.ceil(duration_s / CHUNK_SECONDS)
-    with Reporter(n, "generating", plain=plain) as bar:
+    with Reporter(n, "generating", plain=plain, plain_every_s=2.0) as bar:
         def progress(i, _):
             elapsed = time.perf_counter() - t0
             bar.advance(f"{(i + 1) * CHUNK_SECONDS / elapsed:.1f}x real time")

@@ -1,0 +1,183 @@
+"""The `eval` command: how good is a checkpoint on held-out latents? Loss, continuations, drift, pictures.
+
+Every figure goes into eval.json; definitions live in metrics.py. Held-out means a latent folder the
+model was not trained on (a separate preprocess of music kept aside).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_bundle
+from .codec import CHUNK_SECONDS
+from .config import SampleConfig
+from .data import LatentFile, load_latents, normalise, validation_crops
+from .devices import autocast, autocast_dtype, resolve_device
+from .errors import DataError, FlowError
+from .flow import validation_loss
+from .fsutil import write_text_atomic
+from .generate import StreamGenerator
+from .metrics import drift_report, frechet_report, memorisation, prompt_relatedness
+from .plots import curves_png, latent_heatmap_png, spectrogram_png, training_curves_png
+from .progress import Reporter
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ckpt: str
+    data_dir: str
+    out_dir: str = "eval_out"
+    train_dir: str | None = None  # the training latents, for the memorisation check
+    prompts: int = 8
+    prompt_chunks: int = 8  # ~5.5 s of prompt
+    continuation_chunks: int = 16  # ~11 s compared with the real continuation
+    rollout_chunks: int = 1000  # ~11 min long-horizon stream
+    segment_chunks: int = 50  # rollout statistics per segment of this many chunks
+    device: str = "auto"
+    codec_ckpt: str | None = None
+    audio: bool = True  # decode one prompt + continuation for a spectrogram
+
+
+def pick_windows(files: list[LatentFile], n: int, length: int, seed: int = 0) -> list[tuple[int, int]]:
+    """n (file, start) windows of `length` chunks, spread over files that are long enough, deterministic."""
+    usable = [i for i, f in enumerate(files) if f.chunks >= length]
+    if not usable:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        i = usable[k % len(usable)]
+        out.append((i, int(torch.randint(0, files[i].chunks - length + 1, (1,), generator=g))))
+    return out
+
+
+def run_eval(cfg: EvalConfig, sample: SampleConfig = SampleConfig(), plain: bool | None = None) -> dict:
+    """Compute every figure, write eval.json and the PNGs into cfg.out_dir, and return the figures."""
+    dev = resolve_device(cfg.device)
+    bundle = load_bundle(cfg.ckpt, dev)
+    model, stats, W = bundle.model, bundle.stats, bundle.model_cfg.context_chunks
+    held = load_latents(cfg.data_dir, val_fraction=0.0)
+    files = held.train
+    if held.codec != bundle.codec:
+        raise DataError(f"{cfg.data_dir} holds {held.codec} latents but {cfg.ckpt} was trained on {bundle.codec}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    norm = lambda z: normalise(z, stats)  # noqa: E731
+    amp = autocast_dtype("auto", dev)
+    report: dict = {"ckpt": cfg.ckpt, "step": bundle.step, "data_dir": cfg.data_dir, "config": asdict(cfg),
+                    "sample": asdict(sample), "held_out_hours": held.hours(files), "plots": {}}
+    t0 = time.perf_counter()
+
+    crops = validation_crops(files, stats, min(96, 2 * W + 1), max_crops=64)
+    val = validation_loss(model, crops, sample.context_noise, dev, autocast=lambda: autocast(dev, amp))
+    report["validation"] = {"loss": val["loss"], "by_t": {str(k): v for k, v in val["by_t"].items()},
+                            "crops": len(crops), "definition": "next-chunk velocity MSE in the generation setting, "
+                            "fixed noise, t grid " + ", ".join(map(str, val["by_t"]))}
+
+    P, K = cfg.prompt_chunks, cfg.continuation_chunks
+    windows = pick_windows(files, cfg.prompts, P + K)
+    if len(windows) < 2:
+        report["continuation"] = {"skipped": f"fewer than 2 held-out windows of {P + K} chunks"}
+    else:
+        prompts = torch.stack([files[i].latents[s:s + P] for i, s in windows])  # (N, P, 8, 64)
+        real = torch.stack([files[i].latents[s + P:s + P + K] for i, s in windows])  # (N, K, 8, 64)
+        gen = StreamGenerator(model, stats, replace(sample, num_samples=len(windows)), dev, amp)
+        gen.prefill(prompts)
+        with Reporter(K, "continuations", plain=plain) as bar:
+            cont = gen.generate(K, lambda i, _: bar.advance(f"{len(windows)} prompts"))
+        report["continuation"] = {
+            "prompts": len(windows), "prompt_chunks": P, "chunks": K,
+            "frechet": frechet_report(norm(cont), norm(real)),
+            "frechet_definition": "fd_token: Gaussians over every 64-channel token; fd_chunk: over chunk means "
+                                  "of the 8 tokens; normalised latents; generated vs the real next chunks",
+            "relatedness": prompt_relatedness(norm(cont), norm(prompts)),
+            "relatedness_real": prompt_relatedness(norm(real), norm(prompts)),
+        }
+        if cfg.train_dir:
+            bank = torch.cat([f.latents for f in load_latents(cfg.train_dir, val_fraction=0.0).train])
+            if bank.shape[0] > 20000:  # a fixed subsample keeps the check to seconds
+                bank = bank[torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(0))[:20000]]
+            report["memorisation"] = memorisation(norm(cont), norm(real), norm(bank))
+        else:
+            report["memorisation"] = {"skipped": "pass --train-dir (the training latents) to check for copying"}
+        report["plots"]["latents"] = str(latent_heatmap_png(
+            norm(torch.cat([prompts[0], cont[0]])), out / "latents_prompt_continuation.png",
+            "prompt | continuation (normalised latents)", boundary=P))
+        if cfg.audio:
+            report["plots"]["spectrogram"] = _spectrogram(bundle, cfg, dev, prompts[0], cont[0], out)
+
+    if cfg.rollout_chunks > 0:
+        report["rollout"] = _rollout(model, stats, sample, dev, amp, files, cfg, out, report, plain)
+    curves = Path(cfg.ckpt).parent / "metrics.jsonl"
+    if curves.exists() and (png := training_curves_png(curves, out / "training_curves.png")):
+        report["plots"]["training"] = str(png)
+    report["seconds"] = time.perf_counter() - t0
+    write_text_atomic(json.dumps(report, indent=1), out / "eval.json")
+    return report
+
+
+def _rollout(model, stats, sample, dev, amp, files, cfg: EvalConfig, out: Path, report: dict, plain) -> dict:
+    """One long stream from the first held-out prompt; per-segment statistics against the held-out data."""
+    start = files[0].latents[: min(cfg.prompt_chunks, files[0].chunks)]
+    gen = StreamGenerator(model, stats, replace(sample, num_samples=1), dev, amp)
+    gen.prefill(start)
+    times = []
+    with Reporter(cfg.rollout_chunks, "rollout", plain=plain, plain_every_s=5.0) as bar:
+        def tick(i, _):
+            times.append(time.perf_counter())
+            bar.advance(f"{(i + 1) * CHUNK_SECONDS / 60:.1f} min of music")
+        z = gen.generate(cfg.rollout_chunks, tick)[0]  # (R, 8, 64)
+    reference = torch.cat([f.latents for f in files])
+    seg = min(cfg.segment_chunks, max(1, cfg.rollout_chunks // 4))
+    drift = drift_report(normalise(z, stats), normalise(reference, stats), seg)
+    segs = drift["segments"]
+    xs = [(s["start"] + seg / 2) * CHUNK_SECONDS / 60 for s in segs]
+    report["plots"]["drift"] = str(curves_png(
+        [("Fréchet distance", {"segment vs data": (xs, [s["fd"] for s in segs])}),
+         ("mean shift (data std)", {"segment": (xs, [s["mean_shift"] for s in segs])}),
+         ("std / data std", {"segment": (xs, [s["std_ratio"] for s in segs])})],
+        out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {drift['verdict']}", xlabel="minutes"))
+    per_chunk = torch.tensor(times).diff()
+    return {"chunks": cfg.rollout_chunks, "minutes": cfg.rollout_chunks * CHUNK_SECONDS / 60, "segment_chunks": seg,
+            **drift, "seconds_per_chunk_median": float(per_chunk.median()) if len(per_chunk) else None}
+
+
+def _spectrogram(bundle, cfg: EvalConfig, dev, prompt, cont, out: Path) -> str:
+    from .sample import decode_latents, open_codec
+    try:
+        codec = open_codec(bundle, dev, cfg.codec_ckpt)
+    except FlowError as exc:
+        return f"skipped: {exc}"
+    wave = decode_latents(codec, torch.cat([prompt, cont]), "parallel")
+    cut = prompt.shape[0] * (wave.shape[1] // (prompt.shape[0] + cont.shape[0]))
+    return str(spectrogram_png([("prompt", wave[:, :cut]), ("continuation", wave[:, cut:])],
+                               out / "spectrogram_prompt_continuation.png", title=f"{bundle.codec} decode"))
+
+
+def summary(report: dict) -> list[str]:
+    """The headline figures, for the terminal."""
+    v = report["validation"]
+    lines = [f"validation loss {v['loss']:.4f} over {v['crops']} crops ({report['held_out_hours'] * 60:.1f} min held out)"]
+    c = report.get("continuation", {})
+    if "frechet" in c:
+        f, r, rr = c["frechet"], c["relatedness"], c["relatedness_real"]
+        lines.append(f"continuations: FD token {f['fd_token']:.3f}, FD chunk {f['fd_chunk']:.3f}; prompt relatedness "
+                     f"ratio {r['ratio']:.2f} (real continuations {rr['ratio']:.2f}; below 1 = follows its prompt)")
+    elif c:
+        lines.append(f"continuations: {c['skipped']}")
+    m = report.get("memorisation", {})
+    if m.get("held_out_in_train"):
+        lines.append("memorisation: not meaningful: the held-out chunks are themselves in --train-dir")
+    else:
+        lines.append(f"memorisation: NN ratio {m['nn_ratio']:.2f} (below 1 = closer to the training set than new "
+                     f"music is), copied {100 * m['copied_fraction']:.1f}%" if "nn_ratio" in m
+                     else f"memorisation: {m.get('skipped', 'n/a')}")
+    if "rollout" in report:
+        ro = report["rollout"]
+        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}")
+    lines += [f"plot: {p}" for p in report["plots"].values()]
+    return lines

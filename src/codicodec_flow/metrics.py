@@ -1,0 +1,130 @@
+"""Quality metrics over latents, each with a stated definition and checked on cases with known answers.
+
+Frames: "token" statistics treat every latent token (64 channels) as one sample; "chunk" statistics
+take the mean of a chunk's 8 tokens as one sample (slower structure). Latents are compared in the
+checkpoint's normalised space, so every channel counts alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def gaussian_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and covariance (D, D) of samples x (N, D), in float64."""
+    x = x.double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / max(1, x.shape[0] - 1)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to samples a (N, D) and b (M, D).
+
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with the matrix square root's trace taken as
+    the sum of square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so eigh is exact).
+    """
+    mu_a, s_a = gaussian_stats(a)
+    mu_b, s_b = gaussian_stats(b)
+    w, v = torch.linalg.eigh(s_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T  # S_a^(1/2)
+    inner = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0)
+    value = (mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * inner.sqrt().sum()
+    return float(value.clamp_min(0))
+
+
+def token_frames(z: torch.Tensor) -> torch.Tensor:
+    """(..., T, 8, 64) -> (N, 64): every token a sample."""
+    return z.reshape(-1, z.shape[-1])
+
+
+def chunk_frames(z: torch.Tensor) -> torch.Tensor:
+    """(..., T, 8, 64) -> (N, 64): the mean of each chunk's 8 tokens a sample."""
+    return z.mean(-2).reshape(-1, z.shape[-1])
+
+
+def frechet_report(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    """Fréchet distances of token frames and of chunk-mean frames between two (..., T, 8, 64) sets."""
+    return {"fd_token": frechet_distance(token_frames(generated), token_frames(real)),
+            "fd_chunk": frechet_distance(chunk_frames(generated), chunk_frames(real))}
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """For each row of queries (N, D), the Euclidean distance to its nearest row of bank (M, D)."""
+    out = []
+    for q in queries.split(block):
+        d = torch.cdist(q.float(), bank.float())  # (n, M)
+        out.append(d.min(1).values)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def memorisation(generated: torch.Tensor, real: torch.Tensor, train: torch.Tensor) -> dict:
+    """Does generation copy the training set? Nearest-neighbour distances of whole chunks (512 values).
+
+    `nn_ratio` = median NN distance of generated chunks to training chunks / the same for real held-out
+    chunks; well below 1 means the model reproduces training material more closely than new music of
+    the same kind is to it. `copied_fraction` = share of generated chunks closer to a training chunk
+    than 99 % of real held-out chunks are.
+    """
+    flat = lambda z: z.reshape(-1, z.shape[-2] * z.shape[-1])  # noqa: E731 (chunks, 512)
+    d_gen = nearest_distances(flat(generated), flat(train))
+    d_real = nearest_distances(flat(real), flat(train))
+    threshold = torch.quantile(d_real, 0.01)
+    return {"held_out_in_train": bool(d_real.median() < 1e-6),  # the 'held-out' data was trained on
+            "nn_gen_median": float(d_gen.median()), "nn_real_median": float(d_real.median()),
+            "nn_ratio": float(d_gen.median() / d_real.median().clamp_min(1e-9)),
+            "copied_fraction": float((d_gen < threshold).float().mean())}
+
+
+def prompt_relatedness(continuations: torch.Tensor, prompts: torch.Tensor, seed: int = 0) -> dict:
+    """How much continuations stay related to their own prompt versus a random other prompt.
+
+    Distance = Euclidean distance between the mean latent (over chunks and tokens) of a continuation
+    and of a prompt. `ratio` = mean own distance / mean distance to a shuffled prompt (a derangement):
+    below 1 means continuations follow their own prompt. Inputs (N, T, 8, 64), N >= 2.
+    """
+    n = continuations.shape[0]
+    c, p = continuations.mean((1, 2)), prompts.mean((1, 2))  # (N, 64)
+    perm = (torch.arange(n) + 1 + torch.randint(0, n - 1, (1,), generator=torch.Generator().manual_seed(seed))) % n
+    own = (c - p).norm(dim=1).mean()
+    other = (c - p[perm]).norm(dim=1).mean()
+    return {"own_distance": float(own), "other_distance": float(other), "ratio": float(own / other.clamp_min(1e-9))}
+
+
+@dataclass(frozen=True)
+class DriftLimits:
+    """When a long rollout counts as drifting (stated once, used by eval and its tests)."""
+    fd_growth: float = 3.0  # last segment's FD to the data > this x the first segment's (and > fd_floor)
+    fd_floor: float = 2.0  # FD below this never counts as drift (segment statistics are noisy)
+    mean_shift: float = 0.75  # mean |segment mean - data mean| over channels, in data std units
+    std_ratio: tuple[float, float] = (0.4, 2.5)  # mean segment std / data std must stay inside
+
+
+def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 50,
+                 limits: DriftLimits = DriftLimits()) -> dict:
+    """Per-segment statistics of a long rollout (T, 8, 64) against reference data (M, 8, 64), and a verdict."""
+    finite = bool(torch.isfinite(rollout).all())
+    ref = token_frames(reference).double()
+    ref_mu, ref_sd = ref.mean(0), ref.std(0).clamp_min(1e-6)
+    segs = []
+    for start in range(0, rollout.shape[0] - segment + 1, segment):
+        z = token_frames(rollout[start:start + segment]).double()
+        if not torch.isfinite(z).all():
+            segs.append({"start": start, "fd": float("inf"), "mean_shift": float("inf"), "std_ratio": float("inf")})
+            continue
+        segs.append({"start": start, "fd": frechet_distance(z, ref),
+                     "mean_shift": float(((z.mean(0) - ref_mu).abs() / ref_sd).mean()),
+                     "std_ratio": float((z.std(0) / ref_sd).mean())})
+    reasons = [] if finite else ["NaN or inf in the rollout"]
+    if segs and finite:
+        first, last = segs[0], segs[-1]
+        if last["fd"] > max(limits.fd_floor, limits.fd_growth * first["fd"]):
+            reasons.append(f"Fréchet distance grew from {first['fd']:.2f} to {last['fd']:.2f}")
+        if last["mean_shift"] > limits.mean_shift:
+            reasons.append(f"channel means moved {last['mean_shift']:.2f} data std away")
+        lo, hi = limits.std_ratio
+        if not lo <= last["std_ratio"] <= hi:
+            reasons.append(f"channel spread is {last['std_ratio']:.2f}x the data's")
+    return {"finite": finite, "segments": segs, "drift": bool(reasons), "reasons": reasons,
+            "verdict": "drifts: " + "; ".join(reasons) if reasons else "stable"}

@@ -1,0 +1,61 @@
+import torch
+
+from codicodec_flow.metrics import (drift_report, frechet_distance, frechet_report, memorisation,
+                                    prompt_relatedness)
+
+
+def gauss(n, d=8, mu=0.0, scale=1.0, seed=0):
+    return mu + scale * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_frechet_identical_sets_is_zero():
+    x = gauss(500)
+    assert abs(frechet_distance(x, x)) < 1e-8
+
+
+def test_frechet_closed_forms():
+    # same covariance, shifted means: FD = |delta mu|^2 (up to sampling noise)
+    a, b = gauss(200_000, seed=1), gauss(200_000, mu=0.5, seed=2)
+    assert abs(frechet_distance(a, b) - 8 * 0.25) < 0.05
+    # N(0, I) vs N(0, s^2 I): FD = d (1 - s)^2
+    c = gauss(200_000, scale=2.0, seed=3)
+    assert abs(frechet_distance(a, c) - 8 * 1.0) < 0.1
+
+
+def test_frechet_report_token_and_chunk():
+    z = torch.randn(40, 8, 64)
+    r = frechet_report(z, z)
+    assert r["fd_token"] < 1e-6 and r["fd_chunk"] < 1e-6
+    assert frechet_report(z + 1.0, z)["fd_chunk"] > 60
+
+
+def test_memorisation_flags_copies():
+    train = torch.randn(200, 8, 64)
+    real = torch.randn(50, 8, 64)
+    copies = train[:50] + 0.01 * torch.randn(50, 8, 64)
+    fresh = torch.randn(50, 8, 64)
+    assert memorisation(copies, real, train)["copied_fraction"] > 0.9
+    m = memorisation(fresh, real, train)
+    assert m["copied_fraction"] < 0.1 and 0.8 < m["nn_ratio"] < 1.2
+
+
+def test_prompt_relatedness():
+    prompts = 2 * torch.randn(10, 4, 8, 64)
+    related = prompts.mean((1, 2), keepdim=True) + 0.1 * torch.randn(10, 6, 8, 64)
+    unrelated = torch.randn(10, 6, 8, 64)
+    assert prompt_relatedness(related, prompts)["ratio"] < 0.3
+    assert prompt_relatedness(unrelated, prompts)["ratio"] > 0.7
+
+
+def test_drift_verdicts():
+    ref = torch.randn(400, 8, 64)
+    stationary = torch.randn(1000, 8, 64)
+    drifting = torch.randn(1000, 8, 64) + torch.linspace(0, 3, 1000)[:, None, None]
+    exploding = torch.randn(1000, 8, 64) * torch.linspace(1, 5, 1000)[:, None, None]
+    assert drift_report(stationary, ref)["verdict"] == "stable"
+    d = drift_report(drifting, ref)
+    assert d["drift"] and "means moved" in d["verdict"] and len(d["segments"]) == 20
+    assert drift_report(exploding, ref)["drift"]
+    nan = stationary.clone()
+    nan[500] = float("nan")
+    assert "NaN" in drift_report(nan, ref)["verdict"]
