@@ -259,11 +259,51 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from .bench import BenchConfig
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="speed of generation (cache vs re-run), long streams and training on this machine")
+    _common_device(p)
+    p.add_argument("--sizes", default=",".join(d.sizes), help=f"model presets, comma-separated (default {','.join(d.sizes)})")
+    p.add_argument("--solvers", default=",".join(d.solvers), help=f"solvers (default {','.join(d.solvers)})")
+    p.add_argument("--nfes", default=",".join(map(str, d.nfes)), help="NFE values (default 4,8,16)")
+    p.add_argument("--context-chunks", type=int, default=d.context_chunks, help="window for every figure (default 32)")
+    p.add_argument("--measure-chunks", type=int, default=d.measure_chunks, help="chunks timed per cached setting")
+    p.add_argument("--rerun-chunks", type=int, default=d.rerun_chunks,
+                   help="chunks timed for the re-run-the-window reference (0 skips it)")
+    p.add_argument("--long-chunks", type=int, default=d.long_chunks, help="length of the long stream (0 skips)")
+    p.add_argument("--codec", default=d.codec, choices=("auto", "codicodec", "spectral", "none"),
+                   help="codec for flow + decode figures (auto: codicodec if installed, else spectral)")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps (0 skips)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 on GPUs, 1 on CPU)")
+    p.add_argument("--train-crop", type=int, default=None, help="training crop tokens (default 768 on GPUs, 128 on CPU)")
+    p.add_argument("--realtime-chunks", type=int, default=d.realtime_chunks,
+                   help="chunks for the realtime engine's sustained real-time factor (0 skips)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import BenchConfig, print_report, run_bench
+    try:
+        cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
+                          tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
+                          a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks)
+    except ValueError:
+        raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
+    from .config import MODEL_PRESETS
+    unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
+    if unknown:
+        raise FlowError(f"unknown --sizes {unknown}: choose from {', '.join(MODEL_PRESETS)}")
+    print_report(run_bench(cfg), a.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codicodec-flow",
                                      description="Streaming music continuation in CoDiCodec's latent space.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_preprocess, _add_train, _add_sample, _add_eval, _add_demo, _add_smoke):
+    for add in (_add_preprocess, _add_train, _add_sample, _add_eval, _add_bench, _add_demo, _add_smoke):
         add(sub)
     return parser
 

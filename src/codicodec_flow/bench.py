@@ -1,0 +1,266 @@
+"""The `bench` command: how fast is generation and training on this machine? One run, side by side.
+
+Figures are medians of per-chunk wall times with the device synchronised around each chunk. Models
+have random weights: speed does not depend on what a model has learnt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .codec import CHUNK_SECONDS, load_codec
+from .config import MODEL_PRESETS, FlowConfig, SampleConfig
+from .devices import autocast, autocast_dtype, resolve_device
+from .flow import flow_loss, training_batch
+from .fsutil import write_text_atomic
+from .generate import StreamGenerator, WindowRerunGenerator
+from .model import FlowDiT
+from .shards import LatentStats
+from .solvers import get_solver
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "auto"
+    sizes: tuple[str, ...] = ("small", "default")
+    solvers: tuple[str, ...] = ("euler", "heun")
+    nfes: tuple[int, ...] = (4, 8, 16)
+    context_chunks: int = 32  # the window every generation figure runs against (full from the start)
+    measure_chunks: int = 8  # chunks timed per cached configuration
+    rerun_chunks: int = 2  # chunks timed per re-run-the-window configuration (0 skips the reference)
+    long_chunks: int = 1000  # one long stream: per-chunk time early vs late (0 skips)
+    codec: str = "auto"  # auto: codicodec if its weights are installed, else spectral; "none" skips
+    train_steps: int = 3
+    train_batch: int | None = None  # None: 8 on GPUs, 1 on CPU
+    train_crop: int | None = None  # None: 768 on GPUs, 128 on CPU
+    realtime_chunks: int = 0  # sustained real-time factor of the realtime engine (0 skips)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Memory in use now: allocated on a GPU, resident set of this process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory() / 2**20
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # macOS: peak resident size, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads){gpu}; {device}; "
+            f"torch {torch.__version__}; Python {sys.version.split()[0]}")
+
+
+def _median(xs: list[float]) -> float:
+    return float(torch.tensor(xs).median()) if xs else float("nan")
+
+
+def time_chunks(gen: StreamGenerator, n: int) -> list[float]:
+    """Wall seconds of each of n chunks, device synchronised."""
+    out = []
+    for _ in range(n):
+        sync(gen.device)
+        t0 = time.perf_counter()
+        gen.next_chunk()
+        sync(gen.device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _model(size: str, cfg: BenchConfig, device) -> FlowDiT:
+    torch.manual_seed(0)
+    return FlowDiT(replace(MODEL_PRESETS[size], context_chunks=cfg.context_chunks)).to(device).eval()
+
+
+def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, log) -> list[dict]:
+    model = _model(size, cfg, device)
+    stats = LatentStats(torch.zeros(64), torch.ones(64), 1)
+    prompt = torch.randn(cfg.context_chunks, 8, 64, generator=torch.Generator().manual_seed(1))
+    decode_s = _codec_seconds(codec) if codec is not None else None
+    rows = []
+    for solver in cfg.solvers:
+        k = get_solver(solver).evals_per_step
+        for nfe in cfg.nfes:
+            if nfe % k:
+                continue
+            sc = SampleConfig(solver=solver, nfe=nfe)
+            gen = StreamGenerator(model, stats, sc, device, amp)
+            sync(device)
+            t0 = time.perf_counter()
+            gen.prefill(prompt)
+            gen.next_chunk()
+            sync(device)
+            first = time.perf_counter() - t0
+            cached = _median(time_chunks(gen, cfg.measure_chunks))
+            row = {"size": size, "params_m": model.num_params() / 1e6, "solver": solver, "nfe": nfe,
+                   "context_chunks": cfg.context_chunks, "cached_s": cached, "cached_rtf": CHUNK_SECONDS / cached,
+                   "first_chunk_latency_s": first}
+            if cfg.rerun_chunks > 0:
+                ref = WindowRerunGenerator(model, stats, sc, device, amp)
+                ref.prefill(prompt)
+                rerun = _median(time_chunks(ref, cfg.rerun_chunks))
+                row.update(rerun_s=rerun, rerun_rtf=CHUNK_SECONDS / rerun, speedup=rerun / cached)
+            if decode_s is not None:
+                row.update(with_codec_s=cached + decode_s, with_codec_rtf=CHUNK_SECONDS / (cached + decode_s))
+            log(f"  {size} {solver} NFE {nfe}: cached {1000 * cached:.1f} ms/chunk"
+                + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else ""))
+            rows.append(row)
+    return rows
+
+
+def _codec_seconds(codec, n: int = 3) -> float:
+    """Median seconds of one streaming decode_next."""
+    z = torch.randn(n + 1, 8, 64, generator=torch.Generator().manual_seed(2))
+    codec.reset()
+    codec.decode_next(z[0])  # warm-up
+    times = []
+    for i in range(1, n + 1):
+        t0 = time.perf_counter()
+        codec.decode_next(z[i])
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def bench_long_stream(size: str, cfg: BenchConfig, device, amp, log) -> dict:
+    """One stream of long_chunks chunks: per-chunk time and memory early (chunks 10-19) and late (last 10)."""
+    model = _model(size, cfg, device)
+    gen = StreamGenerator(model, LatentStats(torch.zeros(64), torch.ones(64), 1), SampleConfig(solver="euler", nfe=4),
+                          device, amp)
+    times, mem = [], {}
+    for i in range(cfg.long_chunks):
+        times += time_chunks(gen, 1)
+        if i + 1 in (20, cfg.long_chunks):
+            mem[i + 1] = memory_mb(device)
+        if (i + 1) % 200 == 0:
+            log(f"  long stream: {i + 1}/{cfg.long_chunks} chunks")
+    early, late = _median(times[10:20]), _median(times[-10:])
+    return {"size": size, "solver": "euler", "nfe": 4, "chunks": cfg.long_chunks, "early_s": early, "late_s": late,
+            "late_over_early": late / early, "memory_mb_early": mem.get(20), "memory_mb_late": mem.get(cfg.long_chunks)}
+
+
+def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
+    gpu = device.type != "cpu"
+    batch = cfg.train_batch or (8 if gpu else 1)
+    crop = cfg.train_crop or (768 if gpu else 128)
+    model = FlowDiT(MODEL_PRESETS[size]).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    n = crop // 8
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(cfg.train_steps + 1):  # the first step warms up and is not counted
+        x, valid = torch.randn(batch, crop, 64, generator=g), torch.ones(batch, n, dtype=torch.bool)
+        b = training_batch(x, valid, FlowConfig(), model.cfg.context_chunks, 8, g).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            loss, _ = flow_loss(model, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if step:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else memory_mb(device))
+    step_s = _median(times)
+    return {"size": size, "batch": batch, "crop_tokens": crop, "dtype": "bf16" if amp else "fp32", "step_s": step_s,
+            "tokens_per_s": batch * crop / step_s, "peak_memory_mb": peak}
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype("auto", device)
+    report = {"machine": machine(device), "config": asdict(cfg), "dtype": "bf16" if amp else "fp32",
+              "generation": [], "training": []}
+    codec = None
+    if cfg.codec != "none":
+        name = cfg.codec
+        if name == "auto":
+            from .demo import pick_codec
+            name = pick_codec(str(device))[0]
+        codec = load_codec(name, device)
+        report["codec"] = f"{codec.name} {codec.version}"
+    log(f"machine: {report['machine']}")
+    for size in cfg.sizes:
+        report["generation"] += bench_generation(size, cfg, device, amp, codec, log)
+    if cfg.long_chunks > 0:
+        report["long_stream"] = bench_long_stream(cfg.sizes[0], cfg, device, amp, log)
+    for size in cfg.sizes:
+        if cfg.train_steps > 0:
+            report["training"].append(bench_training(size, cfg, device, amp))
+            log(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
+    if cfg.realtime_chunks > 0 and codec is not None:
+        report["realtime"] = _realtime(cfg, device, amp, codec)
+    return report
+
+
+def _realtime(cfg: BenchConfig, device, amp, codec) -> dict:
+    """Sustained real-time factor of the realtime engine (null sink) with the first size."""
+    from .realtime.engine import sustained_rtf
+    from .checkpoint import Bundle
+    model = _model(cfg.sizes[0], cfg, device)
+    bundle = Bundle(model, model.cfg, FlowConfig(), LatentStats(torch.zeros(64), torch.ones(64), 1), codec.name,
+                    codec.version, 0, "(random weights)")
+    return sustained_rtf(bundle, codec, SampleConfig(solver="euler", nfe=4), cfg.realtime_chunks, device)
+
+
+def print_report(report: dict, json_path: str | None = None) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')}")
+    t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
+    for col in ("model", "solver", "NFE", "cached ms", "RTF", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
+                "first chunk ms"):
+        t.add_column(col, justify="right")
+    ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
+    for r in report["generation"]:
+        t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), ms(r["cached_s"]),
+                  f"{r['cached_rtf']:.1f}x", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
+                  ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
+                  ms(r["first_chunk_latency_s"]))
+    console.print(t)
+    if "long_stream" in report:
+        ls = report["long_stream"]
+        console.print(f"long stream ({ls['size']}, euler NFE 4, {ls['chunks']} chunks): chunk 10-19 {1000 * ls['early_s']:.1f} "
+                      f"ms, last 10 {1000 * ls['late_s']:.1f} ms (x{ls['late_over_early']:.2f}); memory "
+                      f"{ls['memory_mb_early']:.0f} MB -> {ls['memory_mb_late']:.0f} MB")
+    if report["training"]:
+        t = Table(title="training")
+        for col in ("model", "batch x crop", "dtype", "s/step", "tokens/s", "peak MB"):
+            t.add_column(col, justify="right")
+        for r in report["training"]:
+            t.add_row(r["size"], f"{r['batch']} x {r['crop_tokens']}", r["dtype"], f"{r['step_s']:.2f}",
+                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:.0f}")
+        console.print(t)
+    if "realtime" in report:
+        console.print(f"realtime engine: {json.dumps(report['realtime'])}")
+    if json_path:
+        write_text_atomic(json.dumps(report, indent=1), json_path)
+        console.print(f"wrote {json_path}")
