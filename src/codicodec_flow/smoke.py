@@ -45,8 +45,7 @@ def beat_signal(seconds: float, seed: int = 0) -> torch.Tensor:
 
 
 def run_smoke(device_name: str = "auto", codec_name: str = "spectral", codec_ckpt: str | None = None,
-              trust_pickle: bool = False,
-              extra: list[tuple[str, Callable[[torch.device], str]]] | None = None) -> list[Check]:
+              trust_pickle: bool = False) -> list[Check]:
     """Run every check and return the results (the caller prints them)."""
     checks: list[Check] = []
     state: dict = {}
@@ -90,10 +89,46 @@ def run_smoke(device_name: str = "auto", codec_name: str = "spectral", codec_ckp
         checks.append(_run(name, fn))
         if not checks[-1].ok and name in ("device", "codec load"):
             break
-    if all(c.ok for c in checks):
-        for name, fn in extra or []:
+    if checks[0].ok:
+        for name, fn in [("model forward", model_forward), ("one generated chunk", one_chunk)]:
             checks.append(_run(name, lambda fn=fn: fn(state["device"])))
     return checks
+
+
+def _small_model(device):
+    from .config import MODEL_PRESETS
+    from .model import FlowDiT
+    torch.manual_seed(0)
+    return FlowDiT(MODEL_PRESETS["small"]).to(device).eval()
+
+
+def model_forward(device) -> str:
+    """The small preset's full masked forward and its cached forward on this device, with its dtype."""
+    from .devices import autocast, autocast_dtype
+    from .model import stream_mask
+    model, amp = _small_model(device), autocast_dtype("auto", device)
+    x = torch.randn(1, 64, 64, device=device)
+    with torch.inference_mode(), autocast(device, amp):
+        out = model(torch.cat([x, x], 1), torch.rand(1, 128, device=device), torch.arange(64).repeat(2),
+                    stream_mask(8, 4, device=device))
+    assert out.shape == (1, 128, 64) and torch.isfinite(out.float()).all(), "forward gave NaN/inf"
+    return f"small model ({model.num_params() / 1e6:.1f} M) forward ok in {'bf16' if amp else 'fp32'}"
+
+
+def one_chunk(device) -> str:
+    """One chunk through the streaming generator (random weights), timed."""
+    from .config import SampleConfig
+    from .devices import autocast_dtype
+    from .generate import StreamGenerator
+    from .shards import LatentStats
+    gen = StreamGenerator(_small_model(device), LatentStats(torch.zeros(64), torch.ones(64), 1),
+                          SampleConfig(solver="euler", nfe=4), device, autocast_dtype("auto", device))
+    gen.next_chunk()  # warm-up
+    t0 = time.perf_counter()
+    z = gen.next_chunk()
+    seconds = time.perf_counter() - t0
+    assert z.shape == (1, 8, 64) and torch.isfinite(z).all(), "generated chunk has NaN/inf"
+    return f"small model, euler NFE 4: {1000 * seconds:.0f} ms per chunk ({CHUNK_SAMPLES / SAMPLE_RATE / seconds:.1f}x real time)"
 
 
 def print_checks(checks: list[Check]) -> None:
