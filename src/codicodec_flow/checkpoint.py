@@ -12,7 +12,7 @@ import torch
 
 from .config import FlowConfig, ModelConfig, config_from_dict
 from .errors import CheckpointError
-from .fsutil import torch_save_atomic
+from .fsutil import load_tensors, torch_save_atomic
 from .model import FlowDiT
 from .shards import LatentStats
 
@@ -28,11 +28,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (train writes ema.pt and last.pt in its --out-dir)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    obj = load_tensors(path, CheckpointError, "checkpoint: unreadable or truncated")
     if not isinstance(obj, dict) or "format" not in obj or "config" not in obj:
         raise CheckpointError(f"{path}: not a codicodec-flow checkpoint")
     if obj["format"] != FORMAT_VERSION:

@@ -40,3 +40,12 @@ def torch_save_atomic(obj, path: str | Path) -> None:
 def write_text_atomic(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def load_tensors(path: str | Path, error: type[Exception], what: str, hint: str = ""):
+    """torch.load with weights_only=True (a file can never run code); any failure -> error(message naming the file)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise error(f"{path}: not a readable {what} ({type(exc).__name__}: {reason}){hint}") from None

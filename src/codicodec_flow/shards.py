@@ -16,7 +16,7 @@ import torch
 
 from .codec.base import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK
 from .errors import DataError
-from .fsutil import torch_save_atomic, write_text_atomic
+from .fsutil import load_tensors, torch_save_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".pt"
@@ -53,11 +53,7 @@ def save_shard(path: str | Path, latents: torch.Tensor, meta: dict) -> None:
 
 def load_shard(path: str | Path) -> Shard:
     """Read and validate one shard; raises DataError naming the file on any problem."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable latent shard ({type(exc).__name__}: {str(exc)[:200]}); "
-                        f"re-run `preprocess` (with --overwrite if needed)") from None
+    obj = load_tensors(path, DataError, "latent shard", "; re-run `preprocess` (with --overwrite if needed)")
     if not isinstance(obj, dict) or "latents" not in obj or "meta" not in obj:
         raise DataError(f"{path}: not a codicodec-flow shard (expected keys 'latents' and 'meta')")
     check_latents(obj["latents"], path)
