@@ -38,8 +38,8 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
         raise FlowError(f"unknown --dtype {name!r}: choose auto, bf16 or fp32")
     if name == "auto" and device.type == "cpu":
         return None  # bf16 autocast is slower than fp32 on most CPUs
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("note: this GPU has no bf16; training in fp32")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        print("note: this GPU has no native bf16 (before Ampere, e.g. a T4); using fp32")
         return None
     try:  # MPS gained bf16 autocast in recent PyTorch; probe instead of guessing from the version
         with torch.autocast(device.type, dtype=torch.bfloat16):

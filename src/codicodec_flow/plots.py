@@ -3,14 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend is set, notebooks keep theirs
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .codec.base import SAMPLE_RATE  # noqa: E402
-from .fsutil import atomic_path  # noqa: E402
+from .codec.base import SAMPLE_RATE
+from .fsutil import atomic_path
 
 
 def log_spectrogram(wave: torch.Tensor, n_fft: int = 2048, hop: int = 512) -> torch.Tensor:
@@ -25,7 +22,8 @@ def spectrogram_png(segments: list[tuple[str, torch.Tensor]], path: str | Path, 
     wave = torch.cat([w for _, w in segments], dim=1)
     spec = log_spectrogram(wave)
     seconds = wave.shape[1] / SAMPLE_RATE
-    fig, ax = plt.subplots(figsize=(12, 4.5), dpi=100)
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    ax = fig.subplots()
     top = spec.max().item()
     ax.imshow(spec.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top,
               extent=(0, seconds, 0, SAMPLE_RATE / 2000))
@@ -46,7 +44,8 @@ def spectrogram_png(segments: list[tuple[str, torch.Tensor]], path: str | Path, 
 def latent_heatmap_png(latents: torch.Tensor, path: str | Path, title: str = "", boundary: int | None = None) -> Path:
     """(T, 8, 64) latents as a channels x tokens heat-map; `boundary` marks a chunk index (prompt end)."""
     z = latents.reshape(-1, latents.shape[-1]).T  # (64, T * 8)
-    fig, ax = plt.subplots(figsize=(12, 3.5), dpi=100)
+    fig = Figure(figsize=(12, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.imshow(z.numpy(), origin="lower", aspect="auto", cmap="coolwarm", vmin=-3, vmax=3)
     if boundary is not None:
         ax.axvline(boundary * latents.shape[1] - 0.5, color="black", lw=1.5, ls="--")
@@ -61,14 +60,14 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
 
 
 def curves_png(panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], path: str | Path,
                title: str = "", xlabel: str = "step") -> Path:
     """One panel per (ylabel, {series name: (xs, ys)}), stacked vertically."""
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), dpi=100, squeeze=False)
+    fig = Figure(figsize=(10, 2.8 * len(panels)), dpi=100)
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (ylabel, series) in zip(axes[:, 0], panels):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, label=name, lw=1.2)
