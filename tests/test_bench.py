@@ -7,7 +7,7 @@ from codicodec_flow.cli import main
 def test_bench_reports_every_section():
     cfg = BenchConfig(device="cpu", sizes=("tiny",), solvers=("euler", "rk4"), nfes=(2, 4), context_chunks=4,
                       measure_chunks=2, rerun_chunks=1, long_chunks=25, codec="spectral", train_steps=1,
-                      realtime_chunks=0)
+                      realtime_chunks=5)
     r = run_bench(cfg, log=lambda *_: None)
     assert "cpu" in r["machine"] and r["codec"].startswith("spectral")
     combos = {(g["solver"], g["nfe"]) for g in r["generation"]}
@@ -17,6 +17,7 @@ def test_bench_reports_every_section():
         assert g["first_chunk_latency_s"] > 0
     assert r["long_stream"]["chunks"] == 25 and r["long_stream"]["memory_mb_late"] > 0
     assert r["training"][0]["tokens_per_s"] > 0
+    assert r["realtime"]["chunks"] == 5 and r["realtime"]["rtf"] > 0
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):

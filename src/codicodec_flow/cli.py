@@ -8,6 +8,7 @@ import time
 from .codec import CODEC_NAMES
 from .devices import DEVICE_CHOICES
 from .errors import FlowError
+from .realtime.command import add_realtime_parser
 
 
 def _common_device(p: argparse.ArgumentParser) -> None:
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codicodec-flow",
                                      description="Streaming music continuation in CoDiCodec's latent space.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_preprocess, _add_train, _add_sample, _add_eval, _add_bench, _add_demo, _add_smoke):
+    for add in (_add_preprocess, _add_train, _add_sample, add_realtime_parser, _add_eval, _add_bench, _add_demo,
+                _add_smoke):
         add(sub)
     return parser
 

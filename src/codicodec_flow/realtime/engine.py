@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -27,6 +28,7 @@ from .ring import AudioRing
 from .state import Controls, Limits, Update, apply_message
 
 Listener = Callable[[dict], None]
+STATS_WINDOW = 8192  # chunks (~93 min) kept for percentiles
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Summary:
     latency_mean_s: float | None = None
     latency_p95_s: float | None = None
     play_delay_mean_s: float | None = None
-    per_chunk: list[ChunkStats] = field(default_factory=list, repr=False)
+    per_chunk: list[ChunkStats] = field(default_factory=list, repr=False)  # the last STATS_WINDOW chunks
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "per_chunk"}
@@ -94,7 +96,9 @@ class Engine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_wave: torch.Tensor | None = None  # (2, 32768) the model's latest chunk, for --listen mix
-        self.stats: list[ChunkStats] = []
+        self.stats: deque[ChunkStats] = deque(maxlen=STATS_WINDOW)  # bounded: sessions may run for hours
+        self.chunks = 0  # chunks generated, all session
+        self._compute_total = 0.0  # their compute seconds
         self.error: BaseException | None = None
         self._t0 = self._t1 = 0.0
 
@@ -124,7 +128,7 @@ class Engine:
     def state(self) -> dict:
         """What a front end shows: the next chunk's controls, the seed crossfade, counters."""
         xf = self.gen.noise.crossfade
-        return {**self.pending.to_json(), "crossfade": list(xf) if xf else None, "next_chunk": len(self.stats),
+        return {**self.pending.to_json(), "crossfade": list(xf) if xf else None, "next_chunk": self.chunks,
                 "underruns": self.ring.underruns}
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,14 +170,15 @@ class Engine:
         return self.summary()
 
     def summary(self) -> Summary:
-        s = list(self.stats)
+        s = list(self.stats)  # percentiles and latency over the last STATS_WINDOW chunks; rtf over all
         compute = np.array([c.compute_s for c in s]) if s else np.zeros(1)
         lat = [c.latency_s for c in s if c.latency_s is not None]
         delay = [c.play_delay_s for c in s if c.play_delay_s is not None]
-        audio = len(s) * CHUNK_SECONDS
+        audio = self.chunks * CHUNK_SECONDS
         wall = max((self._t1 or time.perf_counter()) - self._t0, 1e-9)
-        return Summary(chunks=len(s), audio_s=audio, wall_s=wall, compute_mean_s=float(compute.mean()),
-                       compute_p95_s=float(np.percentile(compute, 95)), rtf=audio / max(float(compute.sum()), 1e-9),
+        return Summary(chunks=self.chunks, audio_s=audio, wall_s=wall,
+                       compute_mean_s=self._compute_total / max(self.chunks, 1),
+                       compute_p95_s=float(np.percentile(compute, 95)), rtf=audio / max(self._compute_total, 1e-9),
                        wall_rtf=audio / wall, underruns=self.ring.underruns,
                        peak_buffer_s=self.ring.peak / SAMPLE_RATE,
                        latency_mean_s=float(np.mean(lat)) if lat else None,
@@ -196,7 +201,7 @@ class Engine:
             self.codec.reset()
             if self.warmup is not None:  # the prompt's last chunk: the decoder's past runs into the stream
                 self.codec.decode_next(self.warmup)
-            while not self._stop.is_set() and (self.cfg.max_chunks is None or len(self.stats) < self.cfg.max_chunks):
+            while not self._stop.is_set() and (self.cfg.max_chunks is None or self.chunks < self.cfg.max_chunks):
                 if not self._one_chunk():
                     break
             self._emit({"event": "end", **self.summary().to_json()})
@@ -226,7 +231,8 @@ class Engine:
             z = self.gen.next_chunk(commit=False)  # (1, 8, 64): the performer's audio is the context, not the guess
         else:
             z = self.gen.next_chunk()
-        wave = self.codec.decode_next(z[0]).float().cpu()  # (2, 32768)
+        # clipped once here so the card, the file sinks and --save all get the same, never-wrapping audio
+        wave = self.codec.decode_next(z[0]).float().cpu().clamp(-1.0, 1.0)  # (2, 32768)
         compute = time.perf_counter() - t0
         ahead = self.ring.level
         if not self.ring.write(wave.numpy(), self._stop):
@@ -236,10 +242,12 @@ class Engine:
             self.recorder.write(wave.numpy())
         self._last_wave = wave
         latency = None if heard is None else done - heard.complete_at
-        stats = ChunkStats(index=len(self.stats), compute_s=compute, rtf=CHUNK_SECONDS / max(compute, 1e-9),
+        stats = ChunkStats(index=self.chunks, compute_s=compute, rtf=CHUNK_SECONDS / max(compute, 1e-9),
                            buffer_s=self.ring.level / SAMPLE_RATE, underruns=self.ring.underruns, latency_s=latency,
                            play_delay_s=None if latency is None else latency + ahead / SAMPLE_RATE)
         self.stats.append(stats)
+        self.chunks += 1
+        self._compute_total += compute
         self._emit({"event": "chunk", **asdict(stats), "input_index": None if heard is None else heard.index,
                     "state": {**controls.to_json(), "crossfade": list(xf) if xf else None}})
         return True
@@ -257,13 +265,16 @@ class Engine:
 def sustained_rtf(bundle, codec: Codec, cfg, n_chunks: int = 200, device="cpu") -> dict:
     """Benchmark: generate + decode n_chunks as fast as possible into a null sink; the summary as a dict.
 
-    bundle: checkpoint.Bundle; cfg: config.SampleConfig (solver, nfe, temperature, cfg_scale, seed).
+    bundle: checkpoint.Bundle loaded on `device`; cfg: config.SampleConfig (solver, nfe or n_steps,
+    temperature, cfg_scale, seed). "rtf" is audio seconds per compute second, "wall_rtf" per wall second.
     """
+    from ..devices import autocast_dtype
     from ..generate import sampling_steps
     from ..solvers import get_solver
     from .sinks import NullSink
+    device = torch.device(device)
     nfe = sampling_steps(cfg) * get_solver(cfg.solver).evals_per_step
-    gen = LiveGenerator(bundle.model, bundle.stats, cfg, torch.device(device))
+    gen = LiveGenerator(bundle.model, bundle.stats, cfg, device, autocast_dtype("auto", device))
     controls = Controls(solver=cfg.solver, nfe=nfe, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale,
                         context_chunks=bundle.model_cfg.context_chunks, seed=cfg.seed)
     engine = Engine(gen, codec, NullSink(paced=False), EngineConfig(max_chunks=n_chunks), controls)

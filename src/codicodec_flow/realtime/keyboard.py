@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..solvers import SOLVERS
-from .state import NFE_PRESETS, ControlError
+from .state import NFE_PRESETS, ControlError, Controls
 
 try:  # POSIX terminals only; elsewhere keys are off and the JSON protocol still works
     import termios
@@ -112,23 +112,35 @@ class KeyControls:
         if msg is None:
             self.notify(f"steering {self.cursor.label()}")
             return
+        before = self.engine.pending
         try:
             self.engine.submit(msg)
-            self.notify(_describe(msg))
         except ControlError as exc:  # cannot happen for the keys above; say so rather than crash the terminal
             self.notify(f"refused: {exc}")
+            return
+        self.notify("quit" if msg.get("quit") else changes(before, self.engine.pending) or "no change (at the limit)")
 
 
-def _describe(msg: dict) -> str:
-    if "seed" in msg:
-        return f"new seed ({msg['mode']})"
-    return " ".join(f"{k} {v}" for k, v in msg.items())
+def changes(before: Controls, after: Controls) -> str:
+    """What a command changed, in words: 'temperature 0.9', 'channel_bias[3] 0.1', 'seed 123'."""
+    out = []
+    for name in Controls.__dataclass_fields__:
+        old, new = getattr(before, name), getattr(after, name)
+        if old == new:
+            continue
+        if isinstance(new, tuple):
+            diff = [f"[{i}] {v:g}" for i, (o, v) in enumerate(zip(old, new)) if o != v]
+            out.append(name + (" " + " ".join(diff) if len(diff) <= 2 else f" {len(diff)} values"))
+        else:
+            out.append(f"{name} {new:g}" if isinstance(new, float) else f"{name} {new}")
+    return ", ".join(out)
 
 
 class RawKeys:
-    """Reads single keys from a terminal on stdin in a thread and calls on_key(key); a no-op without a TTY."""
+    """Reads single keys from a terminal on stdin in a thread and calls on_key(key); a no-op without a TTY
+    (or with on_key None)."""
 
-    def __init__(self, on_key: Callable[[str], None], stream=None):
+    def __init__(self, on_key: Callable[[str], None] | None, stream=None):
         self.on_key, self.stream = on_key, stream or sys.stdin
         self.active = False
         self._saved = None
@@ -141,7 +153,7 @@ class RawKeys:
             tty_in = os.isatty(fd)
         except (AttributeError, OSError, ValueError):
             tty_in = False
-        if not tty_in or termios is None:
+        if not tty_in or termios is None or self.on_key is None:  # None: keys not wanted, leave the terminal be
             return self
         self._fd, self._saved = fd, termios.tcgetattr(fd)
         tty.setcbreak(fd)  # keys arrive one by one without echo; Ctrl-C still raises KeyboardInterrupt

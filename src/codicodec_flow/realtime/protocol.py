@@ -24,6 +24,7 @@ import threading
 from typing import Callable, TextIO
 
 from ..errors import FlowError
+from .command import CONTROL_HELP
 from .state import ControlError
 
 HELP = {
@@ -47,9 +48,11 @@ def handle_line(engine, line: str) -> list[dict]:
         return [_error(f"message of {len(line)} characters; the limit is {MAX_LINE}")]
     try:
         msg = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return [_error(f"not valid JSON ({exc.msg if hasattr(exc, 'msg') else 'too deeply nested'}); "
-                       f'send one object per line, e.g. {{"set": {{"temperature": 0.9}}}}')]
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5000-digit number, [[[[...
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested" if isinstance(
+            exc, RecursionError) else str(exc)
+        return [_error(f"not valid JSON ({why}); send one object per line, e.g. "
+                       f'{{"set": {{"temperature": 0.9}}}}')]
     try:
         upd = engine.submit(msg)
     except ControlError as exc:
@@ -141,8 +144,9 @@ class Hub:
         for c in clients:
             c.send(event)
 
-    def serve(self, client: Client, lines) -> None:
-        """Read command lines until they end (or the client closes); answer each."""
+    def serve(self, client: Client, lines, stay: bool = False) -> None:
+        """Read command lines until they end (or the client closes), answering each; stay=True keeps
+        sending events after the commands end (stdin's end is not the end of stdout)."""
         self.add(client)
         try:
             for line in lines:
@@ -151,7 +155,8 @@ class Hub:
                 for reply in handle_line(self.engine, line):
                     client.send(reply)
         finally:
-            self.remove(client)
+            if not stay:
+                self.remove(client)
 
 
 class StdioControl:
@@ -165,7 +170,7 @@ class StdioControl:
             stdout.flush()
 
         self.hub, self.client = Hub(engine), Client(write)
-        self._thread = threading.Thread(target=self.hub.serve, args=(self.client, stdin), name="realtime-stdin",
+        self._thread = threading.Thread(target=self.hub.serve, args=(self.client, stdin, True), name="realtime-stdin",
                                         daemon=True)  # daemon: a blocked read of a terminal must not hold the exit
         self._thread.start()
 
@@ -215,9 +220,6 @@ class TcpControl:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-CONTROL_HELP = "none | stdin | tcp:PORT | ws:PORT (ports listen on 127.0.0.1 only; 0 picks a free one)"
 
 
 def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO | None = None):

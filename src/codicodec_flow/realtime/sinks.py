@@ -81,6 +81,13 @@ class WavWriter:
                 self._stack.close()
         return self.path
 
+    def abort(self) -> None:
+        """Drop the temporary file (the session never started): no empty WAV is left at `path`."""
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
+                self._stack.__exit__(FlowError, FlowError("aborted"), None)  # atomic_path removes the temporary
+
 
 class TimedSink:
     """Base of the file and null sinks: take BLOCK samples per clock tick, or as fast as they come."""
@@ -139,6 +146,9 @@ class WavSink(TimedSink):
 
     def close(self) -> None:
         self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 class SoundDeviceSink:

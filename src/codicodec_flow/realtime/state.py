@@ -31,7 +31,7 @@ VECTORS = {"token_scale": TOKENS_PER_CHUNK, "token_bias": TOKENS_PER_CHUNK,
            "channel_scale": LATENT_DIM, "channel_bias": LATENT_DIM}
 # inclusive ranges; steering is in normalised latent units (the model's own unit-variance space)
 RANGES = {"nfe": (1, 64), "temperature": (0.0, 4.0), "cfg_scale": (0.0, 10.0),
-          "token_scale": (-4.0, 4.0), "token_bias": (-4.0, 4.0), "channel_scale": (-4.0, 4.0), "channel_bias": (-4.0, 4.0)}
+          **{name: (-4.0, 4.0) for name in VECTORS}}
 COMMANDS = ("set", "add", "seed", "mode", "reset", "get", "help", "quit")
 
 
@@ -105,8 +105,6 @@ def apply_message(c: Controls, msg: object, limits: Limits) -> Update:
     if unknown:
         raise ControlError(f"unknown command {unknown[0]!r}: use one of {', '.join(COMMANDS)} or a control name "
                            f"({', '.join(_SETTABLE)})")
-    if "mode" in msg and "seed" not in msg:
-        raise ControlError('"mode" goes with "seed", e.g. {"seed": 7, "mode": "cut"}')
     changes: dict = {}
     if "reset" in msg:
         what = msg["reset"]
@@ -120,6 +118,8 @@ def apply_message(c: Controls, msg: object, limits: Limits) -> Update:
         changes[name] = _absolute(c, name, value, limits)
     for name, delta in _object(msg.get("add", {}), "add").items():
         changes[name] = _relative(replace(c, **changes), name, delta, limits)
+    if "mode" in msg and "seed" not in changes:
+        raise ControlError('"mode" goes with "seed", e.g. {"seed": 7, "mode": "cut"}')
     seed_mode = None
     if "seed" in changes:
         seed_mode = msg.get("mode", "crossfade")
@@ -137,12 +137,12 @@ def _absolute(c: Controls, name: str, value, limits: Limits):
     if name in VECTORS:
         return _vector(getattr(c, name), name, value, lambda old, v: _check_range(name, v))
     if name == "solver":
-        if value not in SOLVERS:
+        if not isinstance(value, str) or value not in SOLVERS:
             raise ControlError(f"unknown solver {_show(value)}: choose one of {', '.join(SOLVERS)}")
         return value
     if name == "seed":
         if value == "random":
-            return random.randrange(MAX_SEED)
+            return random.randrange(2**31)  # short enough to read off the status line and note down
         if not _is_int(value) or not 0 <= value <= MAX_SEED:
             raise ControlError(f'seed must be an integer 0..2^63-1 or "random", got {_show(value)}')
         return value

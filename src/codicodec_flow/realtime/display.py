@@ -1,0 +1,105 @@
+"""What a person watching sees: a live status line on a terminal, one plain line per chunk elsewhere, a summary."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from .engine import Summary
+from .keyboard import KEYMAP
+
+
+def state_text(s: dict, window: int | None = None) -> str:
+    """The controls in one line: solver, NFE, temperature, guidance, context, seed, steering."""
+    xf = s.get("crossfade")
+    seed = f"seed {s['seed']}" + (f" (crossfade {xf[0]}/{xf[1]})" if xf else "")
+    ctx = f"ctx {s['context_chunks']}" + (f"/{window}" if window else "")
+    return (f"{s['solver']} nfe {s['evals']} ({s['steps']} step{'s' if s['steps'] != 1 else ''})  temp "
+            f"{s['temperature']:.2f}  cfg {s['cfg_scale']:.2f}  {ctx}  {seed}  {steering_text(s)}")
+
+
+def steering_text(s: dict) -> str:
+    """Only what differs from neutral, so an unsteered stream reads 'steer: off'."""
+    parts = []
+    for name, neutral in (("token_scale", 1.0), ("token_bias", 0.0), ("channel_scale", 1.0), ("channel_bias", 0.0)):
+        changed = [(i, v) for i, v in enumerate(s[name]) if v != neutral]
+        if changed:
+            shown = " ".join(f"{i}:{v:+.1f}" if "bias" in name else f"{i}:x{v:.1f}" for i, v in changed[:4])
+            parts.append(f"{name} {shown}" + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""))
+    return "steer: " + ("; ".join(parts) if parts else "off")
+
+
+def chunk_text(ev: dict) -> str:
+    line = (f"chunk {ev['index']:5d}  compute {1000 * ev['compute_s']:7.1f} ms  {ev['rtf']:6.1f}x real time  "
+            f"buffer {ev['buffer_s']:4.2f} s  underruns {ev['underruns']}")
+    if ev.get("latency_s") is not None:
+        line += f"  latency {ev['latency_s']:.3f} s (heard after {ev['play_delay_s']:.2f} s)"
+    return line
+
+
+def summary_lines(s: Summary, saved: str | None = None) -> list[str]:
+    lines = [f"chunks {s.chunks} ({s.audio_s:.1f} s of audio) in {s.wall_s:.1f} s",
+             f"compute per chunk: mean {1000 * s.compute_mean_s:.1f} ms, p95 {1000 * s.compute_p95_s:.1f} ms; "
+             f"sustained {s.rtf:.1f}x real time (audio / compute)",
+             f"underruns {s.underruns}; peak buffer {s.peak_buffer_s:.2f} s"]
+    if s.latency_mean_s is not None:
+        lines.append(f"input -> generated chunk latency: mean {s.latency_mean_s:.3f} s, p95 {s.latency_p95_s:.3f} s; "
+                     f"heard after {s.play_delay_mean_s:.2f} s on average (latency + audio queued ahead)")
+    if saved:
+        lines.append(f"saved {saved}")
+    return lines
+
+
+class Display:
+    """An engine listener: a live status on a terminal (live=True), else one line per chunk on `stream`."""
+
+    def __init__(self, engine, live: bool, stream: TextIO | None = None, window: int | None = None,
+                 cursor: Callable[[], str] | None = None):
+        self.engine, self.live, self.window, self.cursor = engine, live, window, cursor
+        self.stream = stream or sys.stdout
+        self.console = Console(file=self.stream)
+        self._last: dict | None = None
+        self._note = ""
+        self._live: Live | None = None
+        engine.subscribe(self.on_event)
+
+    def __enter__(self) -> "Display":
+        if self.live:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+
+    def on_event(self, ev: dict) -> None:
+        if ev.get("event") != "chunk":
+            return
+        self._last = ev
+        if self._live is not None:
+            self._live.update(self._render())
+        else:
+            print(f"{chunk_text(ev)}  |  {state_text(ev['state'], self.window)}", file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        """A one-line message (a key's effect); on a terminal it stays under the status until the next one."""
+        self._note = text
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def show_help(self) -> None:
+        width = max(len(k) for k, _ in KEYMAP)
+        lines = "\n".join(f"  {k:<{width}}  {what}" for k, what in KEYMAP)
+        self.console.print(f"keys:\n{lines}", markup=False, highlight=False)
+
+    def _render(self):
+        top = Text(chunk_text(self._last) if self._last else "starting (filling the buffer) ...", style="bold")
+        state = Text(state_text(self.engine.state(), self.window))
+        bottom = Text((f"[{self.cursor()}]  " if self.cursor else "") + self._note + "   (h: help, q: quit)",
+                      style="dim")
+        return Group(top, state, bottom)
