@@ -144,3 +144,21 @@ def test_narrowed_context_equals_a_model_with_a_smaller_window():
             v = m.forward_cached(noisy[:, sl], t[:, sl], cache)
             torch.testing.assert_close(v, full[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
             m.forward_cached(clean[:, sl], s[:, sl], cache, commit=True)
+
+
+def test_batched_prefill_equals_chunk_by_chunk_commits():
+    m = randomised()
+    g = torch.Generator().manual_seed(3)
+    ctx, t = torch.randn(2, 24, 64, generator=g), torch.full((2, 24), 0.02)  # 3 chunks = W
+    a, b = m.new_cache(2), m.new_cache(2)
+    with torch.no_grad():
+        m.prefill(ctx, t, a)
+        for i in range(3):
+            m.forward_cached(ctx[:, 8 * i: 8 * i + 8], t[:, :8], b, commit=True)
+        torch.testing.assert_close(a.k[..., :24, :], b.k[..., :24, :], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.v[..., :24, :], b.v[..., :24, :], atol=1e-5, rtol=0)
+        x = torch.randn(2, 8, 64, generator=g)
+        torch.testing.assert_close(m.forward_cached(x, t[:, :8], a), m.forward_cached(x, t[:, :8], b), atol=1e-5, rtol=0)
+    assert a.n == b.n == 3
+    with pytest.raises(ValueError, match="empty cache"):
+        m.prefill(ctx, t, a)

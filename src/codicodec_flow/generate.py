@@ -12,8 +12,6 @@ unconditional branch (the chunk attends only to itself); cfg_scale = 1 skips it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .config import DEFAULT_NFE, SampleConfig
@@ -35,12 +33,6 @@ def sampling_steps(cfg: SampleConfig) -> int:
     return resolve_steps(cfg.solver, nfe, cfg.n_steps)
 
 
-@dataclass
-class ChunkTiming:
-    index: int  # absolute chunk index in the stream
-    seconds: float
-
-
 class StreamGenerator:
     """Generates chunk after chunk for a batch of streams against one KVCache."""
 
@@ -60,13 +52,29 @@ class StreamGenerator:
     def _times(self, value: float) -> torch.Tensor:
         return torch.full((self.batch, self.tokens), value, device=self.device)
 
+    def _to_context(self, x: torch.Tensor) -> torch.Tensor:
+        """A finished, normalised chunk (B, 8, 64) lightly re-noised to context_noise, as training saw context."""
+        s = self.cfg.context_noise
+        return (1 - s) * x + s * self._noise()
+
     @torch.inference_mode()
     def commit(self, x: torch.Tensor) -> None:
         """Make a finished, normalised chunk x (B, 8, 64) context: re-noise to context_noise, write the cache."""
-        s = self.cfg.context_noise
-        ctx = (1 - s) * x + s * self._noise()
+        self._store(self._to_context(x))
+
+    def _store(self, ctx: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
-            self.model.forward_cached(ctx, self._times(s), self.cache, commit=True)
+            self.model.forward_cached(ctx, self._times(self.cfg.context_noise), self.cache, commit=True)
+
+    def _store_many(self, ctx: torch.Tensor) -> None:
+        """Context chunks (B, n, 8, 64): one batched pass into an empty cache, else one commit each."""
+        if self.cache.n == 0:
+            times = torch.full(ctx.shape[:2], self.cfg.context_noise, device=self.device).repeat_interleave(self.tokens, 1)
+            with autocast(self.device, self.amp):
+                self.model.prefill(ctx.flatten(1, 2), times, self.cache)
+        else:
+            for k in range(ctx.shape[1]):
+                self._store(ctx[:, k])
 
     @torch.inference_mode()
     def prefill(self, latents: torch.Tensor) -> None:
@@ -74,8 +82,8 @@ class StreamGenerator:
         if latents.ndim == 3:
             latents = latents.expand(self.batch, *latents.shape)
         z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
-        for k in range(max(0, z.shape[1] - self.model.cfg.context_chunks), z.shape[1]):
-            self.commit(z[:, k])
+        first = max(0, z.shape[1] - self.model.cfg.context_chunks)
+        self._store_many(torch.stack([self._to_context(z[:, k]) for k in range(first, z.shape[1])], dim=1))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
@@ -117,10 +125,12 @@ class WindowRerunGenerator(StreamGenerator):
         self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
         self.W = W
 
-    def commit(self, x: torch.Tensor) -> None:
-        s = self.cfg.context_noise
-        ctx = (1 - s) * x + s * self._noise()
+    def _store(self, ctx: torch.Tensor) -> None:
         self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
+
+    def _store_many(self, ctx: torch.Tensor) -> None:
+        for k in range(ctx.shape[1]):
+            self._store(ctx[:, k])
 
     @torch.inference_mode()
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,27 @@ class FlowDiT(nn.Module):
         p = next(self.parameters())
         return KVCache.empty(self.cfg, batch, device or p.device, dtype or p.dtype)
 
+    def prefill(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache) -> None:
+        """Commit n <= W clean chunks x (B, n * 8, 64) at times t (B, n * 8) into an empty cache in one pass.
+
+        One masked forward instead of n cached commits, with the same keys and values: chunk j sees
+        chunks j-W..j either way, because the cache holds nothing older.
+        """
+        T, W = self.cfg.chunk_tokens, self.cfg.context_chunks
+        n = x.shape[1] // T
+        if cache.n != 0 or not 1 <= n <= W or x.shape[1] != n * T:
+            raise ValueError(f"prefill needs an empty cache and 1..{W} whole chunks, got {x.shape[1]} tokens")
+        h, c = self.proj_in(x), self.time(t)  # (B, L, D), (B, L, C)
+        rope = rope_table(torch.arange(n * T), self.head_dim, self.cfg.rope_base, x.device)
+        mask = clean_mask(n, W, T, x.device)
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, i=i):
+                cache.k[i, :, :, : n * T] = k  # chunk j lands in ring slot j, unrotated as commit stores it
+                cache.v[i, :, :, : n * T] = v
+                return self.blocks[i].attn.attend(q, apply_rope(k, *rope), v, mask)
+            h = block(h, c, rope, attend)
+        cache.n, cache._prepared_for = n, -1
+
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, commit: bool = False,
                        use_context: bool = True) -> torch.Tensor:
         """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
