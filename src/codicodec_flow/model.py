@@ -86,9 +86,9 @@ class Block(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
-    def forward(self, x, c, rope, attend) -> torch.Tensor:
-        """x (B, L, D), c (B, L, C); `attend(q, k, v)` supplies keys/values beyond this call (the cache)."""
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)  # 6 x (B, L, D)
+    def forward(self, x, mod, rope, attend) -> torch.Tensor:
+        """x (B, L, D), mod = ada(time embedding) (B|1, L|1, 6D); `attend(q, k, v)` may reach beyond this call (the cache)."""
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)  # 6 x (B, L, D)
         q, k, v = self.attn.project(modulate(self.norm1(x), sh1, sc1))
         cos, sin = rope
         x = x + g1 * attend(apply_rope(q, cos, sin), k, v)
@@ -127,18 +127,26 @@ class FlowDiT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+    def conditioning(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaLN modulations for times t (B, L): (B, L, 6D) per block, then the head's (B, L, 2D).
+
+        They depend on t alone, so a generator may compute them once per distinct time and reuse them.
+        """
+        c = self.time(t)  # (B, L, C)
+        return tuple(block.ada(c) for block in self.blocks) + (self.ada_out(c),)
+
+    def _head(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        shift, scale = mod.chunk(2, dim=-1)
         return self.proj_out(modulate(self.norm_out(h), shift, scale))  # (B, L, latent_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), mask (B|1, 1, L, L)."""
         h = self.proj_in(x)  # (B, L, D)
-        c = self.time(t)  # (B, L, C)
+        mods = self.conditioning(t)
         rope = rope_table(pos, self.head_dim, self.cfg.rope_base, x.device)
-        for block in self.blocks:
-            h = block(h, c, rope, lambda q, k, v, blk=block: blk.attn.attend(q, apply_rope(k, *rope), v, mask))
-        return self._head(h, c)
+        for block, mod in zip(self.blocks, mods):
+            h = block(h, mod, rope, lambda q, k, v, blk=block: blk.attn.attend(q, apply_rope(k, *rope), v, mask))
+        return self._head(h, mods[-1])
 
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         """An empty cache for `batch` streams, preallocated for the model's window."""
@@ -155,7 +163,7 @@ class FlowDiT(nn.Module):
         n = x.shape[1] // T
         if cache.n != 0 or not 1 <= n <= W or x.shape[1] != n * T:
             raise ValueError(f"prefill needs an empty cache and 1..{W} whole chunks, got {x.shape[1]} tokens")
-        h, c = self.proj_in(x), self.time(t)  # (B, L, D), (B, L, C)
+        h, mods = self.proj_in(x), self.conditioning(t)  # (B, L, D), per-block modulations
         rope = rope_table(torch.arange(n * T), self.head_dim, self.cfg.rope_base, x.device)
         mask = clean_mask(n, W, T, x.device)
         for i, block in enumerate(self.blocks):
@@ -163,29 +171,30 @@ class FlowDiT(nn.Module):
                 cache.k[i, :, :, : n * T] = k  # chunk j lands in ring slot j, unrotated as commit stores it
                 cache.v[i, :, :, : n * T] = v
                 return self.blocks[i].attn.attend(q, apply_rope(k, *rope), v, mask)
-            h = block(h, c, rope, attend)
+            h = block(h, mods[i], rope, attend)
         cache.n, cache._prepared_for = n, -1
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, commit: bool = False,
-                       use_context: bool = True) -> torch.Tensor:
+                       use_context: bool = True, mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
 
         commit=True also writes the chunk's keys/values into the cache (call it on the finished,
         clean chunk, at its context-noise time); use_context=False ignores the past (the
-        unconditional branch for classifier-free guidance).
+        unconditional branch for classifier-free guidance). `mods`: precomputed conditioning(t), e.g. (1, 1, .)
+        modulations of the chunk's single time, reused across chunks.
         """
         cache.prepare()
         mask = cache.query_mask(use_context)  # (B, 1, 1, W*8 + 8)
         h = self.proj_in(x)  # (B, 8, D)
-        c = self.time(t)  # (B, 8, C)
+        mods = self.conditioning(t) if mods is None else mods
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):
                 keys, values = cache.stage(i, k, v)  # scratch slots hold this chunk's k (rotated), v
                 return self.blocks[i].attn.attend(q, keys, values, mask)
-            h = block(h, c, cache.query_rope, attend)
+            h = block(h, mods[i], cache.query_rope, attend)
         if commit:
             cache.commit()
-        return self._head(h, c)
+        return self._head(h, mods[-1])
 
 
 def stream_mask(n_chunks: int, window: int, chunk_tokens: int = 8, uncond: torch.Tensor | None = None,
