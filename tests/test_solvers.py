@@ -11,7 +11,7 @@ import torch
 
 from codicodec_flow.errors import FlowError
 from codicodec_flow.solvers import (
-    SOLVERS, dpmpp, euler, integrate, make_schedule, pingpong, resolve_steps,
+    SOLVERS, dpmpp, euler, integrate, make_schedule, resolve_steps,
 )
 
 MU, SIGMA = 0.7, 0.4

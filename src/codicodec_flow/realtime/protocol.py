@@ -200,26 +200,33 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-class TcpControl:
-    """The protocol on a TCP port bound to 127.0.0.1 only; port 0 picks a free one (see .port)."""
+class LocalControl:
+    """A protocol server on 127.0.0.1 only (never another interface); port 0 picks a free one (see .port)."""
 
-    def __init__(self, engine, port: int):
+    def __init__(self, engine, port: int, handler: type[socketserver.BaseRequestHandler], scheme: str):
         if not 0 <= port <= 65535:
-            raise FlowError(f"--control tcp:{port}: a port is 0..65535 (0 picks a free one)")
+            raise FlowError(f"--control {scheme}:{port}: a port is 0..65535 (0 picks a free one)")
         try:
-            self.server = _Server(("127.0.0.1", port), _Handler)
+            self.server = _Server(("127.0.0.1", port), handler)
         except OSError as exc:
-            raise FlowError(f"--control tcp:{port}: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
+            raise FlowError(f"--control {scheme}:{port}: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
                             f"pick another port") from None
         self.server.hub = Hub(engine)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="realtime-tcp", daemon=True)
+                                        name=f"realtime-{scheme}", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TcpControl(LocalControl):
+    """Line-delimited JSON over plain TCP (e.g. `nc 127.0.0.1 PORT`)."""
+
+    def __init__(self, engine, port: int):
+        super().__init__(engine, port, _Handler, "tcp")
 
 
 def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO | None = None):

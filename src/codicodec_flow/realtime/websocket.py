@@ -15,8 +15,7 @@ import struct
 import threading
 from urllib.parse import urlsplit
 
-from ..errors import FlowError
-from .protocol import MAX_LINE, Client, Hub
+from .protocol import MAX_LINE, Client, LocalControl
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # fixed by RFC 6455
 _LOCAL = {"localhost", "127.0.0.1", "::1"}
@@ -131,28 +130,8 @@ class _Handler(socketserver.StreamRequestHandler):
             yield from message.splitlines() or [""]
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class WebSocketControl:
-    """The protocol on ws://127.0.0.1:PORT; port 0 picks a free one (see .port)."""
+class WebSocketControl(LocalControl):
+    """The protocol on ws://127.0.0.1:PORT, one command per message."""
 
     def __init__(self, engine, port: int):
-        if not 0 <= port <= 65535:
-            raise FlowError(f"--control ws:{port}: a port is 0..65535 (0 picks a free one)")
-        try:
-            self.server = _Server(("127.0.0.1", port), _Handler)
-        except OSError as exc:
-            raise FlowError(f"--control ws:{port}: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
-                            f"pick another port") from None
-        self.server.hub = Hub(engine)
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="realtime-ws", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(engine, port, _Handler, "ws")
