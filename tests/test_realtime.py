@@ -390,3 +390,21 @@ def test_sustained_rtf_benchmark_reports(ckpt):
                            n_chunks=20)
     assert result["chunks"] == 20 and result["underruns"] == 0 and result["nfe"] == 4
     assert result["rtf"] > 0 and result["wall_rtf"] > 0 and result["compute_p95_s"] > 0
+
+
+def test_ctrl_c_during_generation_ends_the_session_cleanly(monkeypatch):
+    """Generation runs on the caller's thread: Ctrl-C there must stop the player and leave a usable summary."""
+    engine = make_engine(max_chunks=50)
+    real = engine.gen.next_chunk
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.gen, "next_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert engine.stopping and engine.wait(2.0) and engine.summary().chunks == 2

@@ -160,9 +160,17 @@ class Engine:
         return not any(t.is_alive() for t in self._threads)
 
     def run(self) -> Summary:
-        """start(), wait for the end, and summarise (Ctrl-C stops cleanly)."""
-        self.start()
+        """Generate in the calling thread while a background thread plays; summarise at the end (Ctrl-C stops cleanly).
+
+        The model runs on the caller's thread because CPU math libraries keep their worker pool with
+        the thread that first used them: the same chunk measured 1.7x slower from a fresh thread on a
+        2-core machine once the main thread had run any matrix product. start() runs both in threads.
+        """
+        self._t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._guard(self._play), name="realtime-play", daemon=True)]
+        self._threads[0].start()
         try:
+            self._generate()  # its errors (and Ctrl-C) reach the caller directly; finally stops the player
             while not self.wait(0.2):
                 pass
         finally:
