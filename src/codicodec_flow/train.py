@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import config_mismatch, inference_dict, load_checkpoint, save_checkpoint
-from .config import MODEL_PRESETS, FlowConfig, ModelConfig, TrainConfig, config_from_dict
+from .config import MODEL_PRESETS, FlowConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
 from .data import load_latents, random_crops, step_generator, validation_crops
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import CheckpointError, FlowError
@@ -31,7 +31,7 @@ from .model import FlowDiT
 # Train settings that change what a resumed run computes; a resume may not change them.
 RESUME_LOCKED = ("batch_size", "grad_accum", "crop_tokens", "seed", "lr", "warmup_steps", "weight_decay",
                  "ema_decay", "min_lr_ratio", "grad_clip", "val_fraction")
-GEN_CONTEXT_NOISE = 0.02  # context-noise level validation assumes (what generation adds to its past)
+GEN_CONTEXT_NOISE = SampleConfig().context_noise  # validation scores the context noise generation uses
 
 
 @dataclass
