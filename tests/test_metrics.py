@@ -59,3 +59,11 @@ def test_drift_verdicts():
     nan = stationary.clone()
     nan[500] = float("nan")
     assert "NaN" in drift_report(nan, ref)["verdict"]
+
+
+def test_drift_reports_what_real_segments_score():
+    ref = torch.randn(400, 8, 64)
+    d = drift_report(torch.randn(200, 8, 64), ref, segment=50)
+    # segments of the same distribution score like the reference's own segments
+    assert d["real_segment_fd"] is not None and abs(d["segments"][0]["fd"] - d["real_segment_fd"]) < 0.5 * d["real_segment_fd"]
+    assert drift_report(torch.randn(200, 8, 64), ref[:20], segment=50)["real_segment_fd"] is None

@@ -136,8 +136,11 @@ def _rollout(model, stats, sample, dev, amp, files, cfg: EvalConfig, out: Path, 
     drift = drift_report(normalise(z, stats), normalise(reference, stats), seg)
     segs = drift["segments"]
     xs = [(s["start"] + seg / 2) * CHUNK_SECONDS / 60 for s in segs]
+    fd_series = {"rollout segment vs held-out data": (xs, [s["fd"] for s in segs])}
+    if drift["real_segment_fd"] is not None:  # the same statistic for real held-out segments, for scale
+        fd_series["real segments (median)"] = (xs, [drift["real_segment_fd"]] * len(xs))
     report["plots"]["drift"] = str(curves_png(
-        [("Fréchet distance", {"segment vs data": (xs, [s["fd"] for s in segs])}),
+        [("Fréchet distance", fd_series),
          ("mean shift (data std)", {"segment": (xs, [s["mean_shift"] for s in segs])}),
          ("std / data std", {"segment": (xs, [s["std_ratio"] for s in segs])})],
         out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {drift['verdict']}", xlabel="minutes"))
@@ -178,6 +181,10 @@ def summary(report: dict) -> list[str]:
                      else f"memorisation: {m.get('skipped', 'n/a')}")
     if "rollout" in report:
         ro = report["rollout"]
-        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}")
+        base = ro.get("real_segment_fd")
+        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; segment FD "
+                     f"{ro['segments'][0]['fd']:.1f} -> {ro['segments'][-1]['fd']:.1f}"
+                     + (f" (real held-out segments: {base:.1f})" if base is not None else "") if ro["segments"] else
+                     f"rollout of {ro['chunks']} chunks: {ro['verdict']}")
     lines += [f"plot: {p}" for p in report["plots"].values()]
     return lines

@@ -116,6 +116,10 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 
         segs.append({"start": start, "fd": frechet_distance(z, ref),
                      "mean_shift": float(((z.mean(0) - ref_mu).abs() / ref_sd).mean()),
                      "std_ratio": float((z.std(0) / ref_sd).mean())})
+    # what real music scores: each reference segment of the same length against the whole reference
+    real = [frechet_distance(token_frames(reference[i:i + segment]).double(), ref)
+            for i in range(0, reference.shape[0] - segment + 1, segment)]
+    baseline = float(torch.tensor(real).median()) if real else None
     reasons = [] if finite else ["NaN or inf in the rollout"]
     if segs and finite:
         first, last = segs[0], segs[-1]
@@ -126,5 +130,5 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 
         lo, hi = limits.std_ratio
         if not lo <= last["std_ratio"] <= hi:
             reasons.append(f"channel spread is {last['std_ratio']:.2f}x the data's")
-    return {"finite": finite, "segments": segs, "drift": bool(reasons), "reasons": reasons,
+    return {"finite": finite, "segments": segs, "real_segment_fd": baseline, "drift": bool(reasons), "reasons": reasons,
             "verdict": "drifts: " + "; ".join(reasons) if reasons else "stable"}
