@@ -19,6 +19,11 @@ def _common_device(p: argparse.ArgumentParser) -> None:
 def _common_codec(p: argparse.ArgumentParser, default: str = "codicodec") -> None:
     p.add_argument("--codec", default=default, choices=CODEC_NAMES,
                    help="codicodec: the real CoDiCodec (needs its weights); spectral: built-in offline stand-in")
+    codec_weight_flags(p)
+
+
+def codec_weight_flags(p: argparse.ArgumentParser) -> None:
+    """--codec-ckpt and --trust-codec-ckpt, for every command that may load CoDiCodec."""
     p.add_argument("--codec-ckpt", default=None, metavar="PATH",
                    help="CoDiCodec weights file (else $CODICODEC_CKPT, else the package's first-use download)")
     p.add_argument("--trust-codec-ckpt", action="store_true",
@@ -187,8 +192,7 @@ def _add_sample(sub) -> None:
     _add_sampling_flags(p, "heun", "model evaluations per chunk (default 8)")
     p.add_argument("--num-samples", type=int, default=1, help="variations generated together as one batch")
     _common_device(p)
-    p.add_argument("--codec-ckpt", default=None, metavar="PATH", help="CoDiCodec weights file (see preprocess)")
-    p.add_argument("--trust-codec-ckpt", action="store_true", help="allow full unpickling of --codec-ckpt")
+    codec_weight_flags(p)
     p.add_argument("--include-prompt", action="store_true", help="write the (decoded) prompt before the continuation")
     p.add_argument("--decode", default="parallel", choices=("parallel", "stream"),
                    help="codec decoding: whole sequence at once, or chunk by chunk with decode_next")
@@ -243,7 +247,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-audio", action="store_true", help="skip decoding audio for the spectrogram")
     _add_sampling_flags(p, "heun", "model evaluations per chunk (default 8)")
     _common_device(p)
-    p.add_argument("--codec-ckpt", default=None, metavar="PATH", help="CoDiCodec weights file (for the spectrogram)")
+    codec_weight_flags(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -252,7 +256,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks) < 1 or a.rollout_chunks < 0:
         raise FlowError("--prompts must be >= 2, --prompt-chunks and --continuation-chunks >= 1, --rollout-chunks >= 0")
     cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
-                     a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, audio=not a.no_audio)
+                     a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
+                     audio=not a.no_audio)
     report = run_eval(cfg, _sample_config(a))
     for line in summary(report):
         print(line)

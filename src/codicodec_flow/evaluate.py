@@ -39,6 +39,7 @@ class EvalConfig:
     segment_chunks: int = 50  # rollout statistics per segment of this many chunks
     device: str = "auto"
     codec_ckpt: str | None = None
+    trust_codec_ckpt: bool = False
     audio: bool = True  # decode one prompt + continuation for a spectrogram
 
 
@@ -152,7 +153,7 @@ def _rollout(model, stats, sample, dev, amp, files, cfg: EvalConfig, out: Path, 
 def _spectrogram(bundle, cfg: EvalConfig, dev, prompt, cont, out: Path) -> str:
     from .sample import decode_latents, open_codec
     try:
-        codec = open_codec(bundle, dev, cfg.codec_ckpt)
+        codec = open_codec(bundle, dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
     except FlowError as exc:
         return f"skipped: {exc}"
     wave = decode_latents(codec, torch.cat([prompt, cont]), "parallel")

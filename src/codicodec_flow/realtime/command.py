@@ -9,6 +9,7 @@ CONTROL_HELP = "none | stdin | tcp:PORT | ws:PORT (ports listen on 127.0.0.1 onl
 
 def add_realtime_parser(sub) -> None:
     """Register `codicodec-flow realtime` on an argparse sub-parser collection."""
+    from ..cli import codec_weight_flags
     from ..devices import DEVICE_CHOICES
     from ..solvers import SOLVERS
     p = sub.add_parser("realtime", help="play an endless stream live, steerable from keys or a JSON protocol",
@@ -16,8 +17,7 @@ def add_realtime_parser(sub) -> None:
                                    "steer it live; optionally accompany a live (or replayed) input.")
     p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto)")
-    p.add_argument("--codec-ckpt", default=None, metavar="PATH", help="CoDiCodec weights file (see preprocess)")
-    p.add_argument("--trust-codec-ckpt", action="store_true", help="allow full unpickling of --codec-ckpt")
+    codec_weight_flags(p)
     g = p.add_argument_group("sampling (all changeable live)")
     g.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
     g.add_argument("--nfe", type=int, default=4,
