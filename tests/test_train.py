@@ -171,3 +171,19 @@ def test_periodic_audio_samples(ar_data, tmp_path):
     assert sf.info(str(tmp_path / "run" / "samples" / "step0000002.wav")).frames == 2 * 32768
     assert sf.info(str(tmp_path / "cont" / "samples" / "step0000002.wav")).frames > 2 * 32768  # prompt + continuation
     assert '"kind": "sample"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_resume_keeps_its_normalisation_and_codec(ar_data, tmp_path, capsys):
+    import json
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2))
+    before = load_checkpoint(tmp_path / "run" / "last.pt")["stats"]
+    manifest = json.loads((ar_data / "manifest.json").read_text())
+    manifest["stats"]["mean"] = [m + 1.0 for m in manifest["stats"]["mean"]]  # the folder was re-encoded
+    (ar_data / "manifest.json").write_text(json.dumps(manifest))
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=3, resume=True))
+    assert "keeps its original normalisation" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["stats"] == before
+    manifest["codec"], manifest["codec_version"] = "codicodec", "0.1.2"
+    (ar_data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="trained on spectral"):
+        run_train(tiny_run(ar_data, tmp_path / "run", max_steps=4, resume=True))

@@ -27,6 +27,7 @@ from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
 from .fsutil import write_text_atomic
 from .model import FlowDiT
+from .shards import LatentStats
 
 # Train settings that change what a resumed run computes; a resume may not change them.
 RESUME_LOCKED = ("batch_size", "grad_accum", "crop_tokens", "seed", "lr", "warmup_steps", "weight_decay",
@@ -123,6 +124,8 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
     main_proc = rank == 0
     out = Path(cfg.out_dir)
     data = load_latents(cfg.data_dir, cfg.val_fraction)
+    if run.resume_from is not None:
+        data = _resume_data(data, run.resume_from, cfg.data_dir)
     crop_chunks = cfg.crop_tokens // mcfg.chunk_tokens
     amp = autocast_dtype(cfg.dtype, device)
 
@@ -212,6 +215,19 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return metrics
+
+
+def _resume_data(data, ckpt: dict, data_dir: str):
+    """A resumed run keeps the normalisation it started with; latents from another codec are refused."""
+    codec = ckpt["codec"]
+    if (data.codec, data.codec_version) != (codec["name"], codec.get("version")):
+        raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but the run was trained on "
+                              f"{codec['name']} {codec.get('version')}; resume with the original latent folder")
+    saved = LatentStats.from_json(ckpt["stats"])
+    if not torch.allclose(saved.mean, data.stats.mean, atol=0.05) or not torch.allclose(saved.std, data.stats.std, rtol=0.05):
+        print(f"note: the latent statistics of {data_dir} changed since the run started (files added or "
+              f"re-encoded?); the run keeps its original normalisation")
+    return replace(data, stats=saved)
 
 
 def _configs(run: Run) -> dict:
