@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .codec import CHUNK_SECONDS, load_codec
+from .codec import CHUNK_SECONDS, load_codec, local_codec
 from .config import MODEL_PRESETS, FlowConfig, SampleConfig
 from .devices import autocast, autocast_dtype, resolve_device
 from .flow import flow_loss, training_batch
@@ -204,8 +204,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     if cfg.codec != "none":
         name = cfg.codec
         if name == "auto":
-            from .demo import pick_codec
-            name = pick_codec(str(device))[0]
+            name = local_codec()[0]
         codec = load_codec(name, device)
         report["codec"] = f"{codec.name} {codec.version}"
     log(f"machine: {report['machine']}")

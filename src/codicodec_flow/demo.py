@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .audio import read_audio, write_wav
 from .checkpoint import load_checkpoint
-from .codec import CHUNK_SAMPLES
+from .codec import CHUNK_SAMPLES, local_codec
 from .config import ModelConfig, PreprocessConfig, SampleConfig
 from .data import load_latents
 from .plots import spectrogram_png
@@ -26,25 +26,12 @@ from .train import plan_run, run_train
 DEMO_MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, cond_dim=128, context_chunks=8)
 
 
-def pick_codec(device: str) -> tuple[str, str]:
-    """codicodec when its weights are installed here, else spectral; and why."""
-    try:
-        from .codec.codicodec import installed_weights
-        weights = installed_weights()
-    except Exception:
-        weights = None
-    if weights is not None:
-        return "codicodec", f"CoDiCodec weights found at {weights}"
-    return "spectral", ("no CoDiCodec weights on this machine (set CODICODEC_CKPT to use them), so the built-in "
-                        "spectral codec stands in: expect rhythm and spectral envelope, not pitch or timbre")
-
-
 def run_demo(out_dir: str = "demo_out", device: str = "cpu", songs: int = 12, song_seconds: float = 30.0,
              steps: int = 800, prompt_seconds: float = 4.0, continue_seconds: float = 12.0, seed: int = 0) -> dict:
     """Run every stage into out_dir and return the paths it wrote."""
     out = Path(out_dir)
     t0 = time.perf_counter()
-    codec, why = pick_codec(device)
+    codec, why = local_codec()
     print(f"[1/5] writing {songs} example songs of {song_seconds:.0f} s to {out / 'audio'}")
     write_songs(out / "audio", songs, song_seconds)
     print(f"[2/5] preprocessing with the {codec} codec: {why}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_bundle
-from .codec import CHUNK_SECONDS
+from .codec import CHUNK_SAMPLES, CHUNK_SECONDS
 from .config import SampleConfig
 from .data import LatentFile, load_latents, normalise, validation_crops
 from .devices import autocast, autocast_dtype, resolve_device
@@ -157,7 +157,7 @@ def _spectrogram(bundle, cfg: EvalConfig, dev, prompt, cont, out: Path) -> str:
     except FlowError as exc:
         return f"skipped: {exc}"
     wave = decode_latents(codec, torch.cat([prompt, cont]), "parallel")
-    cut = prompt.shape[0] * (wave.shape[1] // (prompt.shape[0] + cont.shape[0]))
+    cut = prompt.shape[0] * CHUNK_SAMPLES
     return str(spectrogram_png([("prompt", wave[:, :cut]), ("continuation", wave[:, cut:])],
                                out / "spectrogram_prompt_continuation.png", title=f"{bundle.codec} decode"))
 

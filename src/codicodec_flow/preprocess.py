@@ -20,7 +20,7 @@ from .config import PreprocessConfig
 from .devices import resolve_device
 from .errors import AudioError, FlowError
 from .progress import Reporter
-from .shards import SHARD_SUFFIX, build_manifest, read_meta, save_shard
+from .shards import SHARD_SUFFIX, build_manifest, load_shard, read_meta, save_shard
 
 
 @dataclass
@@ -166,9 +166,8 @@ def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, 
     if segment != n_segments:  # header length was approximate (e.g. mp3): record the true count
         for s in range(segment):
             path = shard_path(out_dir, rel, s)
-            shard = torch.load(str(path), map_location="cpu", weights_only=True)
-            shard["meta"]["n_segments"] = segment
-            save_shard(path, shard["latents"], shard["meta"])
+            shard = load_shard(path)
+            save_shard(path, shard.latents, {**shard.meta, "n_segments": segment})
     _remove_stale(out_dir, rel, segment)
     return written, seconds
 

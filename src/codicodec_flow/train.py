@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import config_mismatch, inference_dict, load_checkpoint, save_checkpoint
 from .config import MODEL_PRESETS, FlowConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
+from .dashboard import Monitor
 from .data import load_latents, random_crops, step_generator, validation_crops
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import CheckpointError, FlowError
@@ -153,6 +154,8 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(_configs(run), indent=1), out / "config.json")
 
+    monitor = Monitor(out, cfg.max_steps, cfg.tui, header) if main_proc else _Quiet()
+
     def save(kind: str) -> None:
         state = {"kind": "training", "model": model.state_dict(), "ema": ema.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
@@ -162,8 +165,6 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
         save_checkpoint(inference_dict(ema.state_dict(), mcfg, fcfg, data.stats, codec, step), out / "ema.pt")
         monitor.event(f"step {step}: saved {kind} checkpoint to {out}/last.pt and ema.pt")
 
-    from .dashboard import Monitor
-    monitor = Monitor(out, cfg.max_steps, cfg.tui and main_proc, header) if main_proc else _Quiet()
     smooth, t_last, tokens_per_step = None, time.perf_counter(), cfg.batch_size * cfg.grad_accum * world * cfg.crop_tokens
     interval_loss, interval_start = torch.zeros((), device=device), step
     metrics: dict = {}

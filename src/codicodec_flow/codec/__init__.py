@@ -12,7 +12,20 @@ from .base import (CHANNELS, CHUNK_SAMPLES, CHUNK_SECONDS, LATENT_DIM, SAMPLE_RA
 CODEC_NAMES = ("codicodec", "spectral")
 
 __all__ = ["CHANNELS", "CHUNK_SAMPLES", "CHUNK_SECONDS", "CODEC_NAMES", "Codec", "LATENT_DIM",
-           "SAMPLE_RATE", "TOKENS_PER_CHUNK", "TOKEN_SAMPLES", "chunks_for", "load_codec"]
+           "SAMPLE_RATE", "TOKENS_PER_CHUNK", "TOKEN_SAMPLES", "chunks_for", "load_codec", "local_codec"]
+
+
+def local_codec() -> tuple[str, str]:
+    """The best codec usable on this machine without a download: codicodec if its weights are here, else spectral; and why."""
+    try:
+        from .codicodec import installed_weights
+        weights = installed_weights()
+    except Exception:  # the package is missing or broken: the built-in codec still works
+        weights = None
+    if weights is not None:
+        return "codicodec", f"CoDiCodec weights found at {weights}"
+    return "spectral", ("no CoDiCodec weights on this machine (set CODICODEC_CKPT to use them), so the built-in "
+                        "spectral codec stands in: expect rhythm and spectral envelope, not pitch or timbre")
 
 
 def load_codec(name: str, device: torch.device | str = "cpu", ckpt: str | Path | None = None,
