@@ -53,7 +53,7 @@ def ar_latents(chunks: int, rho: float = 0.95, seed: int = 0) -> torch.Tensor:
 
 def write_latent_dir(root: Path, files: dict[str, torch.Tensor]) -> Path:
     """Shards + manifest for {source name: (T, 8, 64) latents}, as preprocess would write them."""
-    from codicodec_flow.shards import build_manifest, save_shard
+    from codicodec_flow.data.shards import build_manifest, save_shard
     for name, z in files.items():
         save_shard(root / f"{name}.0000.pt", z, {"source": name, "segment": 0, "n_segments": 1, "codec": "spectral",
                                                  "codec_version": "1", "chunks": z.shape[0]})

@@ -1,14 +1,14 @@
 import json
 
-from codicodec_flow.bench import BenchConfig, run_bench
-from codicodec_flow.cli import main
+from codicodec_flow.evaluation.bench import BenchConfig, run_bench
+from codicodec_flow.commands.cli import main
 
 
 def test_bench_reports_every_section():
     cfg = BenchConfig(device="cpu", sizes=("tiny",), solvers=("euler", "rk4"), nfes=(2, 4), context_chunks=4,
                       measure_chunks=2, rerun_chunks=1, long_chunks=25, codec="spectral", train_steps=1,
                       realtime_chunks=5)
-    r = run_bench(cfg, log=lambda *_: None)
+    r = run_bench(cfg, say=lambda *_: None)
     assert "cpu" in r["machine"] and r["codec"].startswith("spectral")
     combos = {(g["solver"], g["nfe"]) for g in r["generation"]}
     assert combos == {("euler", 2), ("euler", 4), ("rk4", 4)}  # rk4 cannot do NFE 2

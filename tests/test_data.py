@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from codicodec_flow.data import (LatentFile, load_latents, random_crops, split_files, step_generator,
+from codicodec_flow.data.dataset import (LatentFile, load_latents, random_crops, split_files, step_generator,
                                  validation_crops)
 from codicodec_flow.errors import DataError
-from codicodec_flow.shards import LatentStats, build_manifest, save_shard
+from codicodec_flow.data.shards import build_manifest, save_shard
+from codicodec_flow.latents import LatentStats
 from conftest import ar_latents, write_latent_dir
 
 STATS = LatentStats(torch.zeros(64), torch.ones(64), 1)

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from codicodec_flow.checkpoint import inference_dict, save_checkpoint
-from codicodec_flow.cli import main
+from codicodec_flow.commands.cli import main
 from codicodec_flow.config import FlowConfig, ModelConfig
-from codicodec_flow.evaluate import EvalConfig, pick_windows, run_eval
-from codicodec_flow.data import LatentFile
+from codicodec_flow.evaluation.evaluate import EvalConfig, pick_windows, run_eval
+from codicodec_flow.data.dataset import LatentFile
 from codicodec_flow.model import FlowDiT
-from codicodec_flow.shards import LatentStats
+from codicodec_flow.latents import LatentStats
 from conftest import ar_latents, write_latent_dir
 
 

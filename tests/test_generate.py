@@ -3,9 +3,9 @@ import torch
 
 from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.errors import FlowError
-from codicodec_flow.generate import StreamGenerator, WindowRerunGenerator, sampling_steps
+from codicodec_flow.generate import StreamGenerator, WindowRerunGenerator
 from codicodec_flow.model import FlowDiT
-from codicodec_flow.shards import LatentStats
+from codicodec_flow.latents import LatentStats
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=3)
 STATS = LatentStats(torch.full((64,), 0.1), torch.full((64,), 0.9), 1)
@@ -29,7 +29,7 @@ def gen(model, cls=StreamGenerator, **kw):
 
 def test_cached_generation_equals_window_rerun_while_history_fits(model):
     """Within the first W chunks the cache and the re-run-the-window reference see the same history:
-    the streams must agree; the prompt's prefill goes through the same commit path."""
+    the streams must agree; the prompt's prefill goes through the same append path."""
     prompt = torch.randn(2, 8, 64)
     a, b = gen(model, num_samples=2, seed=3), gen(model, WindowRerunGenerator, num_samples=2, seed=3)
     a.prefill(prompt)
@@ -73,7 +73,7 @@ def test_guidance_blends_conditional_and_unconditional(model):
         g.prefill(prompt)
         outs[scale] = g.generate(1)
     g = gen(model, seed=1, nfe=1)  # no prompt: the unconditional branch alone ...
-    g._noise(), g._noise()  # ... with the random stream where the prefill's two commits left it
+    g._noise(), g._noise()  # ... with the random stream where the prefill's two appends left it
     uncond = g.generate(1)
     torch.testing.assert_close(outs[0.0], uncond, atol=1e-5, rtol=0)
     # Euler with one step is linear in v: scale 2 = 2 * cond - uncond
@@ -86,9 +86,10 @@ def test_every_solver_generates(model, solver):
     assert z.shape == (1, 2, 8, 64) and torch.isfinite(z).all()
 
 
-def test_default_nfe_and_contradictions():
-    assert sampling_steps(SampleConfig(solver="heun")) == 4  # NFE 8
-    assert sampling_steps(SampleConfig(solver="rk4")) == 2
-    assert sampling_steps(SampleConfig(solver="euler", n_steps=5)) == 5
-    with pytest.raises(FlowError, match="contradict"):
-        sampling_steps(SampleConfig(solver="heun", nfe=8, n_steps=3))
+def test_default_nfe_is_spent_in_whole_steps(model):
+    default = SampleConfig().nfe
+    assert gen(model, solver="heun", nfe=default).steps == default // 2
+    assert gen(model, solver="rk4", nfe=default).steps == default // 4
+    assert gen(model, solver="heun", nfe=5).evals == 6  # rounded to whole steps, halves up
+    with pytest.raises(ValueError, match="nfe"):
+        SampleConfig(nfe=0)

@@ -1,6 +1,6 @@
 import torch
 
-from codicodec_flow.metrics import (drift_report, frechet_distance, frechet_report, memorisation,
+from codicodec_flow.evaluation.metrics import (drift_report, frechet_distance, frechet_report, memorisation,
                                     prompt_relatedness)
 
 

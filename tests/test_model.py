@@ -66,7 +66,7 @@ def test_zero_init_predicts_zero_velocity():
 
 
 def test_cached_path_equals_full_forward_after_window_slides():
-    """The central invariant: commit clean chunks one by one, evaluate noisy chunks against the cache,
+    """The central invariant: append clean chunks one by one, evaluate noisy chunks against the cache,
     and get what the two-stream training forward computes, also after the window has slid."""
     m = randomised()
     n, L, B = 8, 64, 2  # 8 chunks > window 3 + 1
@@ -88,8 +88,9 @@ def test_cached_path_equals_full_forward_after_window_slides():
                 torch.testing.assert_close(v, full[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
             vu = m.forward_cached(noisy[:, sl], t[:, sl], cache, use_context=False)
             torch.testing.assert_close(vu, full_uncond[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
-            vc = m.forward_cached(clean[:, sl], s[:, sl], cache, commit=True)
+            vc = m.forward_cached(clean[:, sl], s[:, sl], cache)  # the clean chunk as the full forward sees it ...
             torch.testing.assert_close(vc, full[:, sl], atol=1e-4, rtol=0)
+            m.append_context(clean[:, sl], s[:, sl], cache)  # ... then made context
     assert cache.k.shape == k_shape and cache.n == n  # a fixed ring: nothing grew
 
 
@@ -143,10 +144,10 @@ def test_narrowed_context_equals_a_model_with_a_smaller_window():
             sl = slice(8 * i, 8 * i + 8)
             v = m.forward_cached(noisy[:, sl], t[:, sl], cache)
             torch.testing.assert_close(v, full[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
-            m.forward_cached(clean[:, sl], s[:, sl], cache, commit=True)
+            m.append_context(clean[:, sl], s[:, sl], cache)
 
 
-def test_batched_prefill_equals_chunk_by_chunk_commits():
+def test_batched_prefill_equals_chunk_by_chunk_appends():
     m = randomised()
     g = torch.Generator().manual_seed(3)
     ctx, t = torch.randn(2, 24, 64, generator=g), torch.full((2, 24), 0.02)  # 3 chunks = W
@@ -154,7 +155,7 @@ def test_batched_prefill_equals_chunk_by_chunk_commits():
     with torch.no_grad():
         m.prefill(ctx, t, a)
         for i in range(3):
-            m.forward_cached(ctx[:, 8 * i: 8 * i + 8], t[:, :8], b, commit=True)
+            m.append_context(ctx[:, 8 * i: 8 * i + 8], t[:, :8], b)
         torch.testing.assert_close(a.k[..., :24, :], b.k[..., :24, :], atol=1e-5, rtol=0)
         torch.testing.assert_close(a.v[..., :24, :], b.v[..., :24, :], atol=1e-5, rtol=0)
         x = torch.randn(2, 8, 64, generator=g)

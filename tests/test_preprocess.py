@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from codicodec_flow import shards
-from codicodec_flow.cli import main
+from codicodec_flow.data import shards
+from codicodec_flow.latents import LatentStats
+from codicodec_flow.commands.cli import main
 from codicodec_flow.config import PreprocessConfig
 from codicodec_flow.errors import DataError, FlowError
-from codicodec_flow.preprocess import find_audio, run_preprocess, shard_path
+from codicodec_flow.data.preprocess import find_audio, run_preprocess, shard_path
 from conftest import write_audio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_messy_folder(messy, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) == 4 + 5
     assert manifest["chunks"] == sum(e["chunks"] for e in manifest["shards"])
-    stats = shards.LatentStats.from_json(manifest["stats"])
+    stats = LatentStats.from_json(manifest["stats"])
     assert stats.mean.shape == (64,) and (stats.std > 0).all()
     all_lat = torch.cat([shards.load_shard(p).latents for p in shards.find_shards(out)]).reshape(-1, 64)
     torch.testing.assert_close(stats.mean, all_lat.mean(0), atol=1e-4, rtol=1e-4)
@@ -210,7 +211,7 @@ class LookaheadCodec:
 
 def test_segments_carry_the_codecs_lookahead(messy, tmp_path, monkeypatch):
     """Segment borders give the same latents as a whole-file encode even when chunks read ahead."""
-    import codicodec_flow.preprocess as pp
+    import codicodec_flow.data.preprocess as pp
     monkeypatch.setattr(pp, "load_codec", lambda *a, **k: LookaheadCodec())
     run_preprocess(cfg(messy, tmp_path / "split"), plain=True)
     run_preprocess(replace(cfg(messy, tmp_path / "whole"), max_seconds=300), plain=True)

@@ -7,9 +7,11 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
+from codicodec_flow.config import LIVE_SAMPLING
 from codicodec_flow.realtime.display import Display, state_text
 from codicodec_flow.realtime.engine import EngineConfig
 from codicodec_flow.realtime.keyboard import KeyControls, RawKeys
@@ -178,7 +180,7 @@ def test_websocket_protocol_for_local_pages_only():
 def test_session_with_stdin_control_keeps_stdout_pure_json(ckpt, capsys):  # noqa: F811
     out = Lines()
     cfg = RealtimeConfig(ckpt=str(ckpt), device="cpu", sink="null", control="stdin", engine=EngineConfig(max_chunks=3),
-                         seed=3)
+                         sample=replace(LIVE_SAMPLING, seed=3))
     result = run_realtime(cfg, io.StringIO(""), out)
     events = out.events()  # every line parses as JSON
     assert result.summary.chunks == 3 and len(_chunks(events)) == 3 and events[-1]["event"] == "end"

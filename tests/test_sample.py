@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from codicodec_flow.checkpoint import inference_dict, save_checkpoint
-from codicodec_flow.cli import main
+from codicodec_flow.commands.cli import main
 from codicodec_flow.config import FlowConfig, ModelConfig
 from codicodec_flow.model import FlowDiT
-from codicodec_flow.shards import LatentStats, load_shard
+from codicodec_flow.data.shards import load_shard
+from codicodec_flow.latents import LatentStats
 from conftest import write_audio
 
 CHUNK = 32768
@@ -79,7 +80,7 @@ def _foreign(d):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from codicodec_flow.demo import run_demo
+    from codicodec_flow.commands.demo import run_demo
     paths = run_demo(str(tmp_path / "demo"), "cpu", songs=3, song_seconds=6.0, steps=4, prompt_seconds=2.0,
                      continue_seconds=1.5)
     assert paths["spectrogram"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import torch
 
 from codicodec_flow.errors import FlowError
 from codicodec_flow.solvers import (
-    SOLVERS, dpmpp, euler, integrate, make_schedule, resolve_steps,
+    SOLVERS, dpmpp, euler, integrate, make_schedule, steps_for,
 )
 
 MU, SIGMA = 0.7, 0.4
@@ -115,28 +115,26 @@ def test_solver_rejects_bad_schedule():
         euler(gaussian_velocity, noise(), torch.tensor([1.0]))
 
 
-def test_resolve_steps_table():
+def test_steps_for_table():
     table = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "dpmpp": 1, "pingpong": 1}
     assert {name: spec.evals_per_step for name, spec in SOLVERS.items()} == table
     for name, k in table.items():
-        assert resolve_steps(name, 8 * k, None) == 8
-        assert resolve_steps(name, None, 8) == 8
-        assert resolve_steps(name, 8 * k, 8) == 8
+        assert steps_for(name, 8 * k) == 8
 
 
-def test_resolve_steps_errors():
-    with pytest.raises(FlowError, match=r"--nfe 8 and --n-steps 3 contradict each other for heun \(2 evaluations per step\)"):
-        resolve_steps("heun", 8, 3)
-    with pytest.raises(FlowError, match=r"--nfe 7 .*rk4 \(4 evaluations per step\).*4 or 8"):
-        resolve_steps("rk4", 7, None)
-    with pytest.raises(FlowError, match=r"heun.*e\.g\. 2$"):
-        resolve_steps("heun", 0, None)
-    with pytest.raises(FlowError, match="--nfe or --n-steps"):
-        resolve_steps("euler", None, None)
-    with pytest.raises(FlowError, match="at least 1"):
-        resolve_steps("euler", None, 0)
+def test_steps_for_rounds_to_whole_steps_halves_up():
+    """One policy everywhere: the nearest whole number of steps, halves up, at least one."""
+    assert [steps_for("euler", n) for n in (1, 2, 4, 8)] == [1, 2, 4, 8]
+    assert [steps_for("heun", n) for n in (1, 2, 3, 4, 5, 8)] == [1, 1, 2, 2, 3, 4]
+    assert [steps_for("rk4", n) for n in (1, 2, 4, 6, 7, 8, 10)] == [1, 1, 1, 2, 2, 2, 3]
+
+
+def test_steps_for_errors():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(FlowError, match="whole number >= 1"):
+            steps_for("heun", bad)
     with pytest.raises(FlowError, match="euler, heun, midpoint, rk4, dpmpp, pingpong"):
-        resolve_steps("ddim", 4, None)
+        steps_for("ddim", 4)
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from codicodec_flow.checkpoint import load_bundle, load_checkpoint
-from codicodec_flow.cli import main
-from codicodec_flow.data import load_latents, validation_crops
+from codicodec_flow.commands.cli import main
+from codicodec_flow.data.dataset import load_latents, validation_crops
 from codicodec_flow.errors import CheckpointError, FlowError
 from codicodec_flow.flow import validation_loss
 from codicodec_flow.train import plan_run, run_train
@@ -138,8 +138,9 @@ def test_cli_train_end_to_end(ar_data, tmp_path, capsys):
     code = main(["train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "run"), "--preset", "tiny",
                  "--device", "cpu", "--max-steps", "4", "--batch-size", "2", "--crop-tokens", "64", "--no-tui",
                  "--val-every", "2", "--dtype", "fp32"])
-    out = capsys.readouterr().out
-    assert code == 0 and "M parameters" in out and "h usable" in out and (tmp_path / "run" / "ema.pt").exists()
+    out = capsys.readouterr()
+    assert code == 0 and "M parameters" in out.err and "h usable" in out.err and (tmp_path / "run" / "ema.pt").exists()
+    assert out.out.startswith("done: step 4")  # results on stdout, the training log on stderr
 
 
 def test_bf16_autocast_trains_on_cpu(ar_data, tmp_path):
@@ -156,24 +157,24 @@ def test_ddp_two_cpu_processes(ar_data, tmp_path):
            "--no-tui", "--dtype", "fp32", "--val-every", "3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "x2" in proc.stdout
+    assert "x2" in proc.stderr
     assert load_checkpoint(tmp_path / "run" / "last.pt")["sampler"]["world"] == 2
 
 
 def test_periodic_audio_samples(ar_data, tmp_path):
     import soundfile as sf
-    from codicodec_flow.sample import training_sample_hook
+    from codicodec_flow.train import audio_sample_hook
     run_train(tiny_run(ar_data, tmp_path / "run", max_steps=4, audio_sample_every=2),
-              sample_hook=training_sample_hook(seconds=1.0))
+              sample_hook=audio_sample_hook(seconds=1.0))
     run_train(tiny_run(ar_data, tmp_path / "cont", max_steps=2, audio_sample_every=2, audio_continuation=True),
-              sample_hook=training_sample_hook(continuation=True, seconds=1.0))
+              sample_hook=audio_sample_hook(continuation=True, seconds=1.0))
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step0000002.wav", "step0000004.wav"]
     assert sf.info(str(tmp_path / "run" / "samples" / "step0000002.wav")).frames == 2 * 32768
     assert sf.info(str(tmp_path / "cont" / "samples" / "step0000002.wav")).frames > 2 * 32768  # prompt + continuation
     assert '"kind": "sample"' in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
-def test_resume_keeps_its_normalisation_and_codec(ar_data, tmp_path, capsys):
+def test_resume_keeps_its_normalisation_and_codec(ar_data, tmp_path, caplog):
     import json
     run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2))
     before = load_checkpoint(tmp_path / "run" / "last.pt")["stats"]
@@ -181,7 +182,7 @@ def test_resume_keeps_its_normalisation_and_codec(ar_data, tmp_path, capsys):
     manifest["stats"]["mean"] = [m + 1.0 for m in manifest["stats"]["mean"]]  # the folder was re-encoded
     (ar_data / "manifest.json").write_text(json.dumps(manifest))
     run_train(tiny_run(ar_data, tmp_path / "run", max_steps=3, resume=True))
-    assert "keeps its original normalisation" in capsys.readouterr().out
+    assert "keeps its original normalisation" in caplog.text
     assert load_checkpoint(tmp_path / "run" / "last.pt")["stats"] == before
     manifest["codec"], manifest["codec_version"] = "codicodec", "0.1.2"
     (ar_data / "manifest.json").write_text(json.dumps(manifest))

@@ -2,7 +2,7 @@
 
 Layout along the token axis of every buffer: a ring of W chunk slots (chunk n lives in slot n % W),
 then 8 scratch slots for the chunk being evaluated. Keys are stored as projected (not rotated);
-once per new chunk they are rotated to window-relative positions: the chunk k steps back sits at
+once per new chunk (`prepare`) they are rotated to window-relative positions: the chunk k steps back sits at
 position (W - k) * 8 + j and the new chunk at W * 8 + j. Because rotary attention depends only on
 offsets this equals the absolute positions used in training, while every number stays bounded,
 so a stream can run for hours at constant cost and precision. Nothing here grows or syncs.
@@ -26,7 +26,7 @@ class KVCache:
     sin: torch.Tensor
     window: int  # W, chunks of context
     chunk_tokens: int  # 8
-    n: int = 0  # chunks committed so far = absolute index of the chunk being evaluated
+    n: int = 0  # chunks appended so far = absolute index of the chunk being evaluated
     active: int | None = None  # attend to only the last `active` chunks (None: the whole window W)
     _prepared_for: int = -1
     _masks: tuple[torch.Tensor | None, torch.Tensor] | None = None
@@ -92,10 +92,23 @@ class KVCache:
         self.v[layer, :, :, R:] = v
         return self.k_rot[layer], self.v[layer]
 
-    def commit(self) -> None:
+    def append_scratch(self) -> None:
         """Move the scratch chunk into its ring slot: it becomes context for the chunks after it."""
         T, R = self.chunk_tokens, self.ring_tokens
         slot = (self.n % self.window) * T
         self.k[..., slot:slot + T, :] = self.k[..., R:, :]
         self.v[..., slot:slot + T, :] = self.v[..., R:, :]
         self.n += 1
+
+    def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill: keys (unrotated, as append_scratch stores them) and values (B, H, n * 8, hd) of chunks 0..n-1
+        into ring slots 0..n-1 of an empty cache; `mark_prefilled(n)` once every layer is stored."""
+        if self.n != 0:
+            raise ValueError(f"prefill needs an empty cache; this one holds {self.n} chunks")
+        tokens = k.shape[2]
+        self.k[layer, :, :, :tokens] = k
+        self.v[layer, :, :, :tokens] = v
+
+    def mark_prefilled(self, n: int) -> None:
+        """The first n chunks are stored (store_prefix on every layer): the next chunk evaluated is chunk n."""
+        self.n, self._prepared_for = n, -1

@@ -1,7 +1,12 @@
 """Checkpoints: `last.pt` (everything needed to resume) and `ema.pt` (self-contained for inference).
 
 Both are plain dicts of tensors and primitives, written atomically and read with
-`torch.load(weights_only=True)`, so a checkpoint can never execute code.
+`torch.load(weights_only=True)`, so a checkpoint can never execute code. This module is the only
+place that knows their layout:
+    last.pt: {"format", "kind": "training", "model", "ema", "optimizer", "scheduler", "step",
+              "rng": {"torch"}, "config": {"model", "flow", "train"}, "stats", "codec", "sampler"}
+    ema.pt:  {"format", "kind": "inference", "model" (the EMA weights), "config": {"model", "flow"},
+              "stats", "codec": {"name", "version"}, "step"}
 """
 from __future__ import annotations
 
@@ -10,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from .codec import Codec
+from .codec.prompt import open_codec
 from .config import FlowConfig, ModelConfig, config_from_dict
 from .errors import CheckpointError
-from .fsutil import load_tensors, torch_save_atomic
+from .latents import LatentStats
 from .model import FlowDiT
-from .shards import LatentStats
+from .util.fsutil import load_tensors, torch_save_atomic
 
 FORMAT_VERSION = 1
+LAST, EMA = "last.pt", "ema.pt"  # the file names inside a run folder
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
@@ -40,8 +48,53 @@ def load_checkpoint(path: str | Path) -> dict:
 def inference_dict(model_sd: dict, model_cfg: ModelConfig, flow_cfg: FlowConfig, stats: LatentStats,
                    codec: dict, step: int) -> dict:
     """What ema.pt holds: weights, configs, latent statistics and codec identity."""
-    return {"kind": "inference", "model": model_sd, "config": {"model": asdict(model_cfg), "flow": asdict(flow_cfg)},
+    return _inference(model_sd, {"model": asdict(model_cfg), "flow": asdict(flow_cfg)}, stats, codec, step)
+
+
+def _inference(model_sd: dict, configs: dict, stats: LatentStats, codec: dict, step: int) -> dict:
+    return {"kind": "inference", "model": model_sd, "config": {"model": configs["model"], "flow": configs["flow"]},
             "stats": stats.to_json(), "codec": codec, "step": step}
+
+
+def save_training(out_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler, step: int,
+                  configs: dict, stats: LatentStats, codec: dict, sampler: dict) -> None:
+    """Write the run's last.pt (to resume) and then ema.pt (to generate) into out_dir, each atomically."""
+    out = Path(out_dir)
+    save_checkpoint({"kind": "training", "model": model.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "rng": {"torch": torch.get_rng_state()}, "config": configs, "stats": stats.to_json(),
+                     "codec": codec, "sampler": sampler}, out / LAST)
+    save_checkpoint(_inference(ema.state_dict(), configs, stats, codec, step), out / EMA)
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A last.pt, read: what a resumed run needs to know before it rebuilds its objects, and their states."""
+    path: Path
+    step: int
+    configs: dict  # {"model", "flow", "train"}: asdict() of the run's configs
+    stats: LatentStats  # the normalisation the run started with
+    codec: dict  # {"name", "version"} of the latents it trains on
+    states: dict  # the whole file, for restore_training
+
+    def restore(self, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler) -> int:
+        """Put the saved states back into a run's objects (and the torch RNG); returns the step to continue from."""
+        model.load_state_dict(self.states["model"])
+        ema.load_state_dict(self.states["ema"])
+        optimizer.load_state_dict(self.states["optimizer"])
+        scheduler.load_state_dict(self.states["scheduler"])
+        torch.set_rng_state(self.states["rng"]["torch"])
+        return self.step
+
+
+def load_training(path: str | Path) -> TrainingCheckpoint:
+    """Read a run's last.pt; CheckpointError naming the file if it is not one."""
+    obj = load_checkpoint(path)
+    try:
+        return TrainingCheckpoint(Path(path), int(obj["step"]), obj["config"], LatentStats.from_json(obj["stats"]),
+                                  obj["codec"], obj)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a training checkpoint (last.pt) of codicodec-flow ({exc})") from None
 
 
 @dataclass
@@ -55,6 +108,10 @@ class Bundle:
     codec_version: str
     step: int
     path: str
+
+    def open_codec(self, device, codec_ckpt: str | Path | None = None, trust: bool = False) -> Codec:
+        """The codec this model's latents belong to, on `device` (a different codec version is noted)."""
+        return open_codec(self.codec, self.codec_version, device, codec_ckpt, trust, self.path)
 
 
 def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:

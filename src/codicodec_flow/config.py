@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .codec.base import LATENT_DIM, TOKENS_PER_CHUNK
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -25,8 +27,8 @@ class ModelConfig:
     n_heads: int = 12
     cond_dim: int = 768  # width of the time embedding that drives adaLN
     context_chunks: int = 32  # sliding window W: a chunk sees at most W past chunks
-    latent_dim: int = 64  # channels per latent token (the codec's)
-    chunk_tokens: int = 8  # tokens per codec chunk (the codec's)
+    latent_dim: int = LATENT_DIM  # channels per latent token (the codec's)
+    chunk_tokens: int = TOKENS_PER_CHUNK  # tokens per codec chunk (the codec's)
     mlp_ratio: float = 2.25  # SwiGLU hidden width / dim, rounded up to a multiple of 64
     rope_base: float = 10_000.0
     time_freq_dim: int = 256  # sinusoidal features of t before the time MLP
@@ -95,9 +97,9 @@ def config_from_dict(cls, d: dict):
 
 @dataclass(frozen=True)
 class SampleConfig:
+    """How chunks are drawn. Every sampling default lives here; the commands build their flags from it."""
     solver: str = "heun"
-    nfe: int | None = None  # model evaluations per chunk; with n_steps None, 8 is used
-    n_steps: int | None = None
+    nfe: int = 8  # model evaluations per chunk, rounded to whole steps of the solver (solvers.steps_for)
     schedule: str = "linear"
     schedule_shift: float = 1.0
     temperature: float = 1.0  # scale of the starting noise (and of pingpong's re-injected noise)
@@ -107,6 +109,8 @@ class SampleConfig:
     num_samples: int = 1
 
     def __post_init__(self):
+        if self.nfe < 1:
+            raise ValueError(f"--nfe must be at least 1, got {self.nfe}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0.0 <= self.context_noise < 1.0:
@@ -115,4 +119,4 @@ class SampleConfig:
             raise ValueError(f"--num-samples must be at least 1, got {self.num_samples}")
 
 
-DEFAULT_NFE = 8
+LIVE_SAMPLING = SampleConfig(solver="euler", nfe=4)  # the cheap end: `realtime`, its live controls and their benchmarks

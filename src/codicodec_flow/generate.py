@@ -1,9 +1,9 @@
 """Streaming generation: prefill a prompt into the cache, then one chunk at a time, at constant cost.
 
 Per chunk: draw noise x(1) = temperature * eps, integrate the flow ODE to t = 0 evaluating only the
-new chunk's 8 tokens against the cache (the cache is read, never changed), then commit the finished
+new chunk's 8 tokens against the cache (the cache is read, never changed), then add the finished
 chunk once, lightly re-noised to `context_noise` (the level the model was trained to expect on its
-context), into the ring. Memory and time per chunk stay flat however long the stream runs.
+context), to the cache as context. Memory and time per chunk stay flat however long the stream runs.
 
 Temperature: the ODE starts from temperature * N(0, I) instead of N(0, I) (pingpong also scales the
 noise it re-injects). Below 1 the output is more conservative, above 1 more varied.
@@ -14,23 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from .config import DEFAULT_NFE, SampleConfig
-from .data import denormalise, normalise
-from .devices import autocast
+from .config import SampleConfig
 from .errors import FlowError
+from .latents import LatentStats, denormalise, normalise
 from .model import FlowDiT, clean_mask
-from .shards import LatentStats
-from .solvers import get_solver, integrate, resolve_steps
-
-
-def sampling_steps(cfg: SampleConfig) -> int:
-    """ODE steps per chunk for cfg's solver (NFE = evals per step x steps; default NFE 8)."""
-    nfe = DEFAULT_NFE if cfg.nfe is None and cfg.n_steps is None else cfg.nfe
-    if nfe is not None and cfg.n_steps is None:
-        k = get_solver(cfg.solver).evals_per_step
-        if cfg.nfe is None and nfe % k:
-            nfe = k * max(1, round(nfe / k))  # the default adapts to the solver; a given --nfe must fit
-    return resolve_steps(cfg.solver, nfe, cfg.n_steps)
+from .solvers import get_solver, integrate, steps_for
+from .util.devices import autocast
 
 
 class StreamGenerator:
@@ -40,12 +29,18 @@ class StreamGenerator:
                  amp: torch.dtype | None = None):
         self.model, self.stats, self.cfg, self.device, self.amp = model, stats, cfg, torch.device(device), amp
         self.batch = cfg.num_samples
-        self.steps = sampling_steps(cfg)
+        self.steps = steps_for(cfg.solver, cfg.nfe)
         self.cache = model.new_cache(self.batch, self.device, next(model.parameters()).dtype)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
         self.tokens = model.cfg.chunk_tokens
         self.chunks_done = 0
+        self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
         self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk
+
+    @property
+    def evals(self) -> int:
+        """Model evaluations per chunk actually spent (before guidance doubles them)."""
+        return self.steps * get_solver(self.cfg.solver).evals_per_step
 
     def modulations(self, t: float) -> tuple[torch.Tensor, ...]:
         """The model's conditioning for one time value, (1, 1, .) each; computed once per distinct time.
@@ -64,6 +59,11 @@ class StreamGenerator:
     def _noise(self) -> torch.Tensor:
         return torch.randn(self.batch, self.tokens, self.model.cfg.latent_dim, generator=self.generator).to(self.device)
 
+    @property
+    def noise_generator(self) -> torch.Generator:
+        """Where a stochastic solver draws the noise it re-injects inside a chunk."""
+        return self.generator
+
     def _times(self, value: float) -> torch.Tensor:
         return torch.full((self.batch, self.tokens), value, device=self.device)
 
@@ -73,33 +73,33 @@ class StreamGenerator:
         return (1 - s) * x + s * self._noise()
 
     @torch.inference_mode()
-    def commit(self, x: torch.Tensor) -> None:
-        """Make a finished, normalised chunk x (B, 8, 64) context: re-noise to context_noise, write the cache."""
-        self._store(self._to_context(x))
+    def add_context(self, x: torch.Tensor) -> None:
+        """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache."""
+        self._append(self._to_context(x))
 
-    def _store(self, ctx: torch.Tensor) -> None:
+    def _append(self, ctx: torch.Tensor) -> None:
         s = self.cfg.context_noise
         with autocast(self.device, self.amp):
-            self.model.forward_cached(ctx, self._times(s), self.cache, commit=True, mods=self.modulations(s))
+            self.model.append_context(ctx, self._times(s), self.cache, mods=self.modulations(s))
 
-    def _store_many(self, ctx: torch.Tensor) -> None:
-        """Context chunks (B, n, 8, 64): one batched pass into an empty cache, else one commit each."""
+    def _append_many(self, ctx: torch.Tensor) -> None:
+        """Context chunks (B, n, 8, 64): one batched prefill pass into an empty cache, else one append each."""
         if self.cache.n == 0:
             times = torch.full(ctx.shape[:2], self.cfg.context_noise, device=self.device).repeat_interleave(self.tokens, 1)
             with autocast(self.device, self.amp):
                 self.model.prefill(ctx.flatten(1, 2), times, self.cache)
         else:
             for k in range(ctx.shape[1]):
-                self._store(ctx[:, k])
+                self._append(ctx[:, k])
 
     @torch.inference_mode()
     def prefill(self, latents: torch.Tensor) -> None:
-        """Commit a prompt's raw codec latents (T, 8, 64) or (B, T, 8, 64): its last W chunks become the context."""
+        """A prompt's raw codec latents (T, 8, 64) or (B, T, 8, 64): its last W chunks become the context."""
         if latents.ndim == 3:
             latents = latents.expand(self.batch, *latents.shape)
         z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
         first = max(0, z.shape[1] - self.model.cfg.context_chunks)
-        self._store_many(torch.stack([self._to_context(z[:, k]) for k in range(first, z.shape[1])], dim=1))
+        self._append_many(torch.stack([self._to_context(z[:, k]) for k in range(first, z.shape[1])], dim=1))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
@@ -111,13 +111,25 @@ class StreamGenerator:
                 v = v_u + self.cfg.cfg_scale * (v - v_u)
         return v
 
+    def shape_output(self, x0: torch.Tensor) -> torch.Tensor:
+        """What becomes of a finished normalised chunk (B, 8, 64) before it is kept and returned (live steering)."""
+        return x0
+
+    def _chunk_done(self) -> None:
+        """Called once per generated chunk, after it is finished (live noise streams advance here)."""
+
     @torch.inference_mode()
-    def next_chunk(self) -> torch.Tensor:
-        """Generate, commit and return the next chunk as raw codec latents (B, 8, 64) on the CPU."""
-        x1 = self.cfg.temperature * self._noise()
+    def next_chunk(self, as_context: bool = True) -> torch.Tensor:
+        """Generate the next chunk as raw codec latents (B, 8, 64) on the CPU; as_context=False leaves the cache
+        alone (with a live input the performer's audio, not the model's guess, becomes that moment's context)."""
+        x1 = self.cfg.temperature * self._noise()  # (B, 8, 64)
+        self.last_noise = x1
         x0 = integrate(self.velocity, x1, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
-                       self.generator, noise_scale=self.cfg.temperature)
-        self.commit(x0)
+                       self.noise_generator, noise_scale=self.cfg.temperature)
+        x0 = self.shape_output(x0)
+        if as_context:
+            self.add_context(x0)
+        self._chunk_done()
         self.chunks_done += 1
         return denormalise(x0.float(), self.stats).cpu()
 
@@ -142,12 +154,12 @@ class WindowRerunGenerator(StreamGenerator):
         self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
         self.W = W
 
-    def _store(self, ctx: torch.Tensor) -> None:
+    def _append(self, ctx: torch.Tensor) -> None:
         self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
 
-    def _store_many(self, ctx: torch.Tensor) -> None:
+    def _append_many(self, ctx: torch.Tensor) -> None:
         for k in range(ctx.shape[1]):
-            self._store(ctx[:, k])
+            self._append(ctx[:, k])
 
     @torch.inference_mode()
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

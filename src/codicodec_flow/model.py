@@ -3,7 +3,8 @@
 Attention is bidirectional inside a chunk of 8 tokens, causal across chunks and limited to a
 sliding window of `context_chunks` past chunks. `forward` runs any token layout under an explicit
 boolean mask (training uses two streams, see flow.py); `forward_cached` evaluates one new chunk
-against a KVCache and can commit it. Both compute the same function: rotary positions make
+against a KVCache without changing it, and `append_context` runs a finished chunk into the cache
+as context (`prefill` does so for up to W chunks at once). They compute the same function: rotary positions make
 attention depend only on token offsets, so the cache can use window-relative positions.
 """
 from __future__ import annotations
@@ -156,32 +157,29 @@ class FlowDiT(nn.Module):
     def prefill(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache) -> None:
         """Commit n <= W clean chunks x (B, n * 8, 64) at times t (B, n * 8) into an empty cache in one pass.
 
-        One masked forward instead of n cached commits, with the same keys and values: chunk j sees
+        One masked forward instead of n append_context passes, with the same keys and values: chunk j sees
         chunks j-W..j either way, because the cache holds nothing older.
         """
         T, W = self.cfg.chunk_tokens, self.cfg.context_chunks
         n = x.shape[1] // T
-        if cache.n != 0 or not 1 <= n <= W or x.shape[1] != n * T:
-            raise ValueError(f"prefill needs an empty cache and 1..{W} whole chunks, got {x.shape[1]} tokens")
+        if not 1 <= n <= W or x.shape[1] != n * T:
+            raise ValueError(f"prefill needs 1..{W} whole chunks, got {x.shape[1]} tokens")
         h, mods = self.proj_in(x), self.conditioning(t)  # (B, L, D), per-block modulations
         rope = rope_table(torch.arange(n * T), self.head_dim, self.cfg.rope_base, x.device)
         mask = clean_mask(n, W, T, x.device)
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):
-                cache.k[i, :, :, : n * T] = k  # chunk j lands in ring slot j, unrotated as commit stores it
-                cache.v[i, :, :, : n * T] = v
+                cache.store_prefix(i, k, v)  # chunk j lands in ring slot j
                 return self.blocks[i].attn.attend(q, apply_rope(k, *rope), v, mask)
             h = block(h, mods[i], rope, attend)
-        cache.n, cache._prepared_for = n, -1
+        cache.mark_prefilled(n)
 
-    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, commit: bool = False,
-                       use_context: bool = True, mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, use_context: bool = True,
+                       mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past; the ring is only read.
 
-        commit=True also writes the chunk's keys/values into the cache (call it on the finished,
-        clean chunk, at its context-noise time); use_context=False ignores the past (the
-        unconditional branch for classifier-free guidance). `mods`: precomputed conditioning(t), e.g. (1, 1, .)
-        modulations of the chunk's single time, reused across chunks.
+        use_context=False ignores the past (the unconditional branch for classifier-free guidance).
+        `mods`: precomputed conditioning(t), e.g. (1, 1, .) modulations of the chunk's single time, reused across chunks.
         """
         cache.prepare()
         mask = cache.query_mask(use_context)  # (B, 1, 1, W*8 + 8)
@@ -192,9 +190,13 @@ class FlowDiT(nn.Module):
                 keys, values = cache.stage(i, k, v)  # scratch slots hold this chunk's k (rotated), v
                 return self.blocks[i].attn.attend(q, keys, values, mask)
             h = block(h, mods[i], cache.query_rope, attend)
-        if commit:
-            cache.commit()
         return self._head(h, mods[-1])
+
+    def append_context(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache,
+                       mods: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Run a finished chunk x (B, 8, 64), at its context-noise times t (B, 8), into the cache as the newest context."""
+        self.forward_cached(x, t, cache, mods=mods)  # its keys and values land in the scratch slots ...
+        cache.append_scratch()  # ... and move into the ring
 
 
 def stream_mask(n_chunks: int, window: int, chunk_tokens: int = 8, uncond: torch.Tensor | None = None,

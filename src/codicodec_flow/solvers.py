@@ -6,7 +6,8 @@ schedule ts (decreasing, ts[0] = 1, ts[-1] = 0). Every solver is a plain functio
 velocity callable ``velocity(x (B, L, D), t (B, L)) -> (B, L, D)``; time is per token, so
 solvers always pass a (B, L) tensor (the same value for every token of the chunk).
 
-NFE (model evaluations per generated chunk) = evals_per_step × n_steps:
+NFE (model evaluations per generated chunk) = evals_per_step × n_steps (`steps_for` rounds any NFE
+to whole steps):
 
     solver     evals/step   NFE for n_steps = 1  2  4  8  16
     euler      1                              1  2  4  8  16
@@ -193,27 +194,17 @@ def get_solver(name: str) -> SolverSpec:
     return SOLVERS[name]
 
 
-def resolve_steps(solver: str, nfe: int | None, n_steps: int | None) -> int:
-    """Turn --nfe and/or --n-steps into n_steps for this solver; NFE = evals_per_step × n_steps.
+def steps_for(solver: str, nfe: int) -> int:
+    """ODE steps per chunk for `nfe` model evaluations: the one NFE-to-steps policy of every command and control.
 
-    Exactly one of them may be given, or both if they agree; giving neither is an error (the
-    default lives in SampleConfig, not here, so there is one place to change it).
+    NFE = evals_per_step × steps. An NFE the solver cannot spend exactly becomes the nearest whole
+    number of steps, halves rounding up, at least one: heun with NFE 5 runs 3 steps (6 evaluations),
+    rk4 with NFE 2 runs 1 step (4). Callers report the NFE actually spent (steps × evals_per_step).
     """
     k = get_solver(solver).evals_per_step
-    per = f"{solver} ({k} evaluation{'s' if k > 1 else ''} per step)"
-    if nfe is None and n_steps is None:
-        raise FlowError(f"give --nfe or --n-steps for {per}")
-    if n_steps is not None and n_steps < 1:
-        raise FlowError(f"--n-steps must be at least 1, got {n_steps}")
-    if nfe is not None:
-        if nfe < k or nfe % k:
-            low = max(k, nfe // k * k)
-            near = f"{low}" if nfe < k else f"{low} or {low + k}"
-            raise FlowError(f"--nfe {nfe} is not possible with {per}: use a multiple of {k}, e.g. {near}")
-        if n_steps is not None and n_steps * k != nfe:
-            raise FlowError(f"--nfe {nfe} and --n-steps {n_steps} contradict each other for {per}")
-        return nfe // k
-    return n_steps
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise FlowError(f"NFE (model evaluations per chunk) must be a whole number >= 1, got {nfe!r}")
+    return max(1, (nfe + k // 2) // k)
 
 
 def integrate(velocity: Velocity, x1: Tensor, solver: str, n_steps: int, schedule: str = "linear",

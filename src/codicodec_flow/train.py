@@ -1,14 +1,16 @@
 """The training loop: two-stream flow matching, AdamW, EMA, bf16, gradient accumulation, DDP, resume.
 
-Read top to bottom: set up (configs, data, model, optimiser, resume) -> loop (accumulate, clip,
-step, EMA, log, validate, sample, save) -> final save. Launch with `torchrun` for several
-processes (NCCL on GPUs, gloo on CPU); rank 0 validates, writes checkpoints and logs.
+Read top to bottom: plan the run (fresh or resumed configs) -> set up (data, model, optimiser,
+resume) -> loop (one optimiser step; log, validate, write an audio sample, save) -> final save.
+Launch with `torchrun` for several processes (NCCL on GPUs, gloo on CPU); rank 0 validates,
+writes checkpoints and logs.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -19,16 +21,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import config_mismatch, inference_dict, load_checkpoint, save_checkpoint
+from .checkpoint import LAST, TrainingCheckpoint, config_mismatch, load_training, save_training
+from .codec import CHUNK_SECONDS, load_codec
+from .codec.audio import write_wav
+from .codec.prompt import decode_latents
 from .config import MODEL_PRESETS, FlowConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
-from .dashboard import Monitor
-from .data import load_latents, random_crops, step_generator, validation_crops
-from .devices import autocast, autocast_dtype, resolve_device
+from .data.dataset import LatentData, load_latents, random_crops, step_generator, validation_crops
 from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
-from .fsutil import write_text_atomic
+from .generate import StreamGenerator
 from .model import FlowDiT
-from .shards import LatentStats
+from .util.dashboard import Monitor, QuietMonitor
+from .util.devices import autocast, autocast_dtype, resolve_device
+from .util.fsutil import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 # Train settings that change what a resumed run computes; a resume may not change them.
 RESUME_LOCKED = ("batch_size", "grad_accum", "crop_tokens", "seed", "lr", "warmup_steps", "weight_decay",
@@ -41,14 +48,14 @@ class Run:
     train: TrainConfig
     model: ModelConfig
     flow: FlowConfig
-    resume_from: dict | None  # the last.pt contents when resuming
+    resume_from: TrainingCheckpoint | None  # the run's last.pt when resuming
 
 
 def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str = "default",
              resume: bool = False) -> Run:
     """Configs for a run: fresh (preset + given flags) or resumed (checkpoint's configs, given flags must agree)."""
     train = TrainConfig(**train_given)
-    last = Path(train.out_dir) / "last.pt"
+    last = Path(train.out_dir) / LAST
     if not resume:
         if last.exists():
             raise FlowError(f"{last} exists: pass --resume to continue that run, or choose a new --out-dir")
@@ -60,8 +67,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
             raise FlowError(str(exc)) from None
     if not last.exists():
         raise CheckpointError(f"--resume: no {last} to resume from")
-    ckpt = load_checkpoint(last)
-    saved = ckpt["config"]
+    ckpt = load_training(last)
+    saved = ckpt.configs
     problems = (config_mismatch(saved["model"], model_given) + config_mismatch(saved["flow"], flow_given)
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
     if problems:
@@ -110,143 +117,195 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
-    """Train until max_steps (or, saving first, until `stop_at`, as if interrupted); returns the last metrics.
+@dataclass
+class Trainer:
+    """Everything the loop works with, built by `setup`: the run, where it runs, its data and its training state."""
+    run: Run
+    rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+    data: LatentData
+    val_set: list
+    model: FlowDiT  # the weights being trained (net wraps them for DDP)
+    net: torch.nn.Module
+    ema: FlowDiT
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    step: int
 
-    `sample_hook(step, ema_model, data, out_dir, device)` writes an audio sample and returns its path.
-    """
-    cfg, mcfg, fcfg = run.train, run.model, run.flow
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def crop_chunks(self) -> int:
+        return self.run.train.crop_tokens // self.run.model.chunk_tokens
+
+    @property
+    def codec(self) -> dict:
+        return {"name": self.data.codec, "version": self.data.codec_version}
+
+    def header(self) -> str:
+        cfg, world = self.run.train, self.world
+        return (f"{self.model.num_params() / 1e6:.1f} M parameters | {self.data.describe()} | device {self.device}"
+                f"{f' x{world}' if world > 1 else ''} | {'bf16' if self.amp else 'fp32'} | crop {cfg.crop_tokens} "
+                f"tokens ({self.crop_chunks} chunks), batch {cfg.batch_size}x{cfg.grad_accum}x{world}")
+
+    def save(self) -> None:
+        cfg = self.run.train
+        save_training(cfg.out_dir, self.model, self.ema, self.opt, self.sched, self.step, _configs(self.run),
+                      self.data.stats, self.codec, {"seed": cfg.seed, "world": self.world})
+
+
+def setup(run: Run) -> Trainer:
+    """Check the settings, join the process group, load the data, build model, EMA and optimiser (or resume them)."""
+    cfg, mcfg = run.train, run.model
     if cfg.crop_tokens % mcfg.chunk_tokens or cfg.crop_tokens <= 0:
         raise FlowError(f"--crop-tokens {cfg.crop_tokens} must be a positive multiple of {mcfg.chunk_tokens} "
-                        f"(tokens per chunk); e.g. {max(8, cfg.crop_tokens // 8 * 8)}")
+                        f"(tokens per chunk); e.g. {max(1, cfg.crop_tokens // mcfg.chunk_tokens) * mcfg.chunk_tokens}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise FlowError("--batch-size and --grad-accum must be at least 1")
     rank, world, device = _dist_setup(cfg.device)
-    main_proc = rank == 0
-    out = Path(cfg.out_dir)
     data = load_latents(cfg.data_dir, cfg.val_fraction)
     if run.resume_from is not None:
         data = _resume_data(data, run.resume_from, cfg.data_dir)
-    crop_chunks = cfg.crop_tokens // mcfg.chunk_tokens
-    amp = autocast_dtype(cfg.dtype, device)
-
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = FlowDiT(mcfg).to(device)
     ema = copy.deepcopy(model).float().requires_grad_(False)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    step = 0
-    if run.resume_from is not None:
-        ck = run.resume_from
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step = int(ck["step"])
-        torch.set_rng_state(ck["rng"]["torch"])
+    step = 0 if run.resume_from is None else run.resume_from.restore(model, ema, opt, sched)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    codec = {"name": data.codec, "version": data.codec_version}
-    val_set = validation_crops(data.val, data.stats, crop_chunks, cfg.val_crops)
-    header = (f"{model.num_params() / 1e6:.1f} M parameters | {data.describe()} | device {device}"
-              f"{f' x{world}' if world > 1 else ''} | {'bf16' if amp else 'fp32'} | crop {cfg.crop_tokens} tokens "
-              f"({crop_chunks} chunks), batch {cfg.batch_size}x{cfg.grad_accum}x{world}")
-    if main_proc:
+    val_set = validation_crops(data.val, data.stats, cfg.crop_tokens // mcfg.chunk_tokens, cfg.val_crops)
+    return Trainer(run, rank, world, device, autocast_dtype(cfg.dtype, device), data, val_set, model, net, ema, opt,
+                   sched, step)
+
+
+def optimiser_step(tr: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step over grad_accum micro-batches, then the EMA; (mean loss on the device, gradient norm)."""
+    cfg, fcfg, mcfg = tr.run.train, tr.run.flow, tr.run.model
+    tr.model.train()
+    loss_sum = torch.zeros((), device=tr.device)
+    for micro in range(cfg.grad_accum):
+        g = step_generator(cfg.seed, tr.rank, tr.step, micro)
+        x, valid = random_crops(tr.data.train, tr.data.stats, cfg.batch_size, tr.crop_chunks, g)
+        batch = training_batch(x, valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g).to(tr.device)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if tr.world == 1 or last else tr.net.no_sync():
+            with autocast(tr.device, tr.amp):
+                loss, _ = flow_loss(tr.net, batch)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum  # stays on the device: no sync per step
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), cfg.grad_clip)
+    if torch.isfinite(grad_norm):
+        tr.opt.step()
+    else:
+        log.warning(f"step {tr.step}: non-finite gradient, update skipped")
+    tr.opt.zero_grad(set_to_none=True)
+    tr.sched.step()
+    ema_update(tr.ema, tr.model, ema_decay_at(tr.step, cfg.ema_decay))
+    tr.step += 1
+    return loss_sum, grad_norm
+
+
+def validate(tr: Trainer) -> dict:
+    """Validation loss of the trained and of the EMA weights, in the generation setting."""
+    amp = lambda: autocast(tr.device, tr.amp)  # noqa: E731
+    val = validation_loss(tr.model.eval(), tr.val_set, GEN_CONTEXT_NOISE, tr.device, autocast=amp)
+    val_ema = validation_loss(tr.ema.eval(), tr.val_set, GEN_CONTEXT_NOISE, tr.device, autocast=amp)
+    return {"kind": "val", "step": tr.step, "val_loss": val["loss"], "val_loss_ema": val_ema["loss"],
+            "val_by_t": {str(k): v for k, v in val["by_t"].items()}}
+
+
+def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
+    """Train until max_steps (or, saving first, until `stop_at`, as if interrupted); returns the last metrics.
+
+    `sample_hook(step, ema_model, data, out_dir, device)` writes an audio sample and returns its name;
+    by default `audio_sample_hook` does, every --audio-sample-every steps.
+    """
+    tr = setup(run)
+    cfg = run.train
+    out = Path(cfg.out_dir)
+    if tr.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(_configs(run), indent=1), out / "config.json")
-
-    monitor = Monitor(out, cfg.max_steps, cfg.tui, header) if main_proc else _Quiet()
-
-    def save(kind: str) -> None:
-        state = {"kind": "training", "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                 "rng": {"torch": torch.get_rng_state()}, "config": _configs(run),
-                 "stats": data.stats.to_json(), "codec": codec, "sampler": {"seed": cfg.seed, "world": world}}
-        save_checkpoint(state, out / "last.pt")
-        save_checkpoint(inference_dict(ema.state_dict(), mcfg, fcfg, data.stats, codec, step), out / "ema.pt")
-        monitor.event(f"step {step}: saved {kind} checkpoint to {out}/last.pt and ema.pt")
-
-    smooth, t_last, tokens_per_step = None, time.perf_counter(), cfg.batch_size * cfg.grad_accum * world * cfg.crop_tokens
-    interval_loss, interval_start = torch.zeros((), device=device), step
+    if sample_hook is None and cfg.audio_sample_every > 0:
+        sample_hook = audio_sample_hook(cfg.audio_continuation)
+    monitor = Monitor(out, cfg.max_steps, cfg.tui, tr.header()) if tr.main else QuietMonitor()
+    smooth, t_last = None, time.perf_counter()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * tr.world * cfg.crop_tokens
+    interval_loss, interval_start = torch.zeros((), device=tr.device), tr.step
     metrics: dict = {}
     with monitor:
-        while step < cfg.max_steps:
-            model.train()
-            for micro in range(cfg.grad_accum):
-                g = step_generator(cfg.seed, rank, step, micro)
-                x, valid = random_crops(data.train, data.stats, cfg.batch_size, crop_chunks, g)
-                batch = training_batch(x, valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g).to(device)
-                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else net.no_sync()
-                with sync:
-                    with autocast(device, amp):
-                        loss, _ = flow_loss(net, batch)
-                    (loss / cfg.grad_accum).backward()
-                interval_loss += loss.detach() / cfg.grad_accum  # stays on the device: no sync per step
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if torch.isfinite(grad_norm):
-                opt.step()
-            else:
-                monitor.event(f"step {step}: non-finite gradient, update skipped")
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
-            step += 1
-
+        while tr.step < cfg.max_steps:
+            loss, grad_norm = optimiser_step(tr)
+            interval_loss += loss
+            step = tr.step
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 loss_val = float(interval_loss) / (step - interval_start)  # mean since the last log line
                 smooth = loss_val if smooth is None else 0.8 * smooth + 0.2 * loss_val
                 dt = (time.perf_counter() - t_last) / (step - interval_start)
-                interval_loss, interval_start = torch.zeros((), device=device), step
-                t_last = time.perf_counter()
+                interval_loss, interval_start, t_last = torch.zeros((), device=tr.device), step, time.perf_counter()
                 metrics = {"kind": "train", "step": step, "loss": loss_val, "loss_smooth": smooth,
-                           "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "lr": tr.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": tokens_per_step / max(dt, 1e-9), "eta_s": dt * (cfg.max_steps - step)}
                 monitor.log(metrics)
-            if main_proc and val_set and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.max_steps):
-                val = validation_loss(model.eval(), val_set, GEN_CONTEXT_NOISE, device, autocast=lambda: autocast(device, amp))
-                val_ema = validation_loss(ema.eval(), val_set, GEN_CONTEXT_NOISE, device, autocast=lambda: autocast(device, amp))
-                monitor.log({"kind": "val", "step": step, "val_loss": val["loss"], "val_loss_ema": val_ema["loss"],
-                             "val_by_t": {str(k): v for k, v in val["by_t"].items()}})
-                metrics.update(val_loss=val["loss"], val_loss_ema=val_ema["loss"])
-            if main_proc and sample_hook and cfg.audio_sample_every > 0 and step % cfg.audio_sample_every == 0:
-                monitor.log({"kind": "sample", "step": step, "sample": sample_hook(step, ema, data, out, device)})
-            if main_proc and (step % cfg.save_every == 0 or step == cfg.max_steps or step == stop_at):
-                save("final" if step == cfg.max_steps else "periodic")
+            if tr.main and tr.val_set and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                val = validate(tr)
+                monitor.log(val)
+                metrics.update(val_loss=val["val_loss"], val_loss_ema=val["val_loss_ema"])
+            if tr.main and sample_hook and cfg.audio_sample_every > 0 and step % cfg.audio_sample_every == 0:
+                monitor.log({"kind": "sample", "step": step, "sample": sample_hook(step, tr.ema, tr.data, out, tr.device)})
+            if tr.main and (step % cfg.save_every == 0 or step == cfg.max_steps or step == stop_at):
+                tr.save()
+                kind = "final" if step == cfg.max_steps else "periodic"
+                monitor.event(f"step {step}: saved {kind} checkpoint to {out}/{LAST} and ema.pt")
             if step == stop_at:
                 break
-    if world > 1:
+    if tr.world > 1:
         dist.destroy_process_group()
     return metrics
 
 
-def _resume_data(data, ckpt: dict, data_dir: str):
+def audio_sample_hook(continuation: bool = False, seconds: float = 8.0, codec_ckpt: str | None = None):
+    """A `run_train` sample hook writing run/samples/stepNNNNNNN.wav: unconditional, or continuing a validation prompt."""
+    state: dict = {}
+
+    def hook(step: int, ema: FlowDiT, data: LatentData, out_dir: Path, device) -> str:
+        if "codec" not in state:
+            try:
+                state["codec"] = load_codec(data.codec, device, codec_ckpt)
+            except FlowError as exc:
+                state["codec"] = None
+                log.warning(f"audio samples are off: {exc}")
+        if state["codec"] is None:
+            return "off (codec unavailable)"
+        gen = StreamGenerator(ema, data.stats, SampleConfig(seed=step), device)
+        lead = None
+        files = data.val or data.train
+        if continuation and files:
+            lead = files[0].latents[: max(1, min(8, files[0].chunks - 1))]  # up to ~5.5 s of a held-out file
+            gen.prefill(lead)
+        z = gen.generate(math.ceil(seconds / CHUNK_SECONDS))[0]
+        seq = z if lead is None else torch.cat([lead, z])
+        path = write_wav(Path(out_dir) / "samples" / f"step{step:07d}.wav", decode_latents(state["codec"], seq, "parallel"))
+        return path.name
+
+    return hook
+
+
+def _resume_data(data: LatentData, ckpt: TrainingCheckpoint, data_dir: str) -> LatentData:
     """A resumed run keeps the normalisation it started with; latents from another codec are refused."""
-    codec = ckpt["codec"]
+    codec, saved = ckpt.codec, ckpt.stats
     if (data.codec, data.codec_version) != (codec["name"], codec.get("version")):
         raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but the run was trained on "
                               f"{codec['name']} {codec.get('version')}; resume with the original latent folder")
-    saved = LatentStats.from_json(ckpt["stats"])
     if not torch.allclose(saved.mean, data.stats.mean, atol=0.05) or not torch.allclose(saved.std, data.stats.std, rtol=0.05):
-        print(f"note: the latent statistics of {data_dir} changed since the run started (files added or "
-              f"re-encoded?); the run keeps its original normalisation")
+        log.warning(f"the latent statistics of {data_dir} changed since the run started (files added or "
+                    f"re-encoded?); the run keeps its original normalisation")
     return replace(data, stats=saved)
 
 
 def _configs(run: Run) -> dict:
     return {"model": asdict(run.model), "flow": asdict(run.flow), "train": asdict(run.train)}
-
-
-class _Quiet:
-    """The monitor of ranks other than 0: says nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def log(self, record: dict) -> None:
-        pass
-
-    def event(self, message: str) -> None:
-        pass
-

@@ -21,6 +21,7 @@ import contextlib
 import importlib.metadata
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def _resolve_ckpt(ckpt: str | Path | None) -> tuple[Path, bool]:
     else:
         if not official.is_file():
             try:
-                cc_utils.download_model()  # the package's first-use download, into `official`
+                with contextlib.redirect_stdout(sys.stderr):  # it prints progress; our stdout may carry JSON
+                    cc_utils.download_model()  # the package's first-use download, into `official`
             except Exception as e:  # offline, hub errors, no huggingface_hub: all end the same way
                 reason = (str(e).splitlines() or [type(e).__name__])[0]
                 raise CodecError(f"CoDiCodec weights are not installed and the download failed "

@@ -4,8 +4,8 @@ Generation thread (the only one that touches the model and the codec), per chunk
   1. take the controls submitted since the last chunk (commands only ever land between chunks);
   2. without an input, wait while the ring already holds `prebuffer` chunks (throttle: running
      faster than real time keeps the buffer, and so the delay before a control is heard, short);
-     with an input, wait for the performer's next chunk instead, encode it and commit it (or the
-     mix of it and the model's chunk that played meanwhile) as context;
+     with an input, wait for the performer's next chunk instead, encode it and add it (or the
+     mix of it and the model's chunk that played meanwhile) to the context;
   3. generate, steer, decode with the codec's streaming decode_next, push to the ring and --save;
   4. emit a "chunk" event: compute time, real-time factor, buffer level, underruns, latency.
 Playback thread: waits until `prebuffer` chunks are queued, then runs the sink until the ring drains.
@@ -235,8 +235,8 @@ class Engine:
             audio = heard.audio
             if self.cfg.listen == "mix" and self._last_wave is not None:
                 audio = audio + self._last_wave  # the band as it sounded in that moment
-            self.gen.commit_latents(self.codec.encode(audio)[0])  # (8, 64)
-            z = self.gen.next_chunk(commit=False)  # (1, 8, 64): the performer's audio is the context, not the guess
+            self.gen.add_context_latents(self.codec.encode(audio)[0])  # (8, 64)
+            z = self.gen.next_chunk(as_context=False)  # (1, 8, 64): the performer's audio is the context, not the guess
         else:
             z = self.gen.next_chunk()
         # clipped once here so the card, the file sinks and --save all get the same, never-wrapping audio
@@ -268,22 +268,3 @@ class Engine:
     def _emit(self, event: dict) -> None:
         for listener in list(self._listeners):
             listener(event)
-
-
-def sustained_rtf(bundle, codec: Codec, cfg, n_chunks: int = 200, device="cpu") -> dict:
-    """Benchmark: generate + decode n_chunks as fast as possible into a null sink; the summary as a dict.
-
-    bundle: checkpoint.Bundle loaded on `device`; cfg: config.SampleConfig (solver, nfe or n_steps,
-    temperature, cfg_scale, seed). "rtf" is audio seconds per compute second, "wall_rtf" per wall second.
-    """
-    from ..devices import autocast_dtype
-    from ..generate import sampling_steps
-    from ..solvers import get_solver
-    from .sinks import NullSink
-    device = torch.device(device)
-    nfe = sampling_steps(cfg) * get_solver(cfg.solver).evals_per_step
-    gen = LiveGenerator(bundle.model, bundle.stats, cfg, device, autocast_dtype("auto", device))
-    controls = Controls(solver=cfg.solver, nfe=nfe, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale,
-                        context_chunks=bundle.model_cfg.context_chunks, seed=cfg.seed)
-    engine = Engine(gen, codec, NullSink(paced=False), EngineConfig(max_chunks=n_chunks), controls)
-    return {**engine.run().to_json(), "solver": controls.solver, "nfe": controls.evals, "device": str(device)}

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from ..codec import LATENT_DIM, TOKENS_PER_CHUNK
 from ..solvers import SOLVERS
 from .state import NFE_PRESETS, ControlError, Controls
 
@@ -53,7 +54,7 @@ class Cursor:
 
     @property
     def size(self) -> int:
-        return 8 if self.target == "token" else 64
+        return TOKENS_PER_CHUNK if self.target == "token" else LATENT_DIM
 
     def move(self, step: int) -> None:
         pos = (-1 if self.index is None else self.index) + step  # -1 stands for "all"

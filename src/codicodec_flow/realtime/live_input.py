@@ -18,7 +18,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..audio import audio_info, iter_audio_blocks, to_stereo
+from ..codec.audio import audio_info, iter_audio_blocks, to_stereo
 from ..codec import CHANNELS, CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
 from ..errors import AudioError
 from .sinks import AudioDeviceError, import_sounddevice

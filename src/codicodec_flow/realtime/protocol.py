@@ -24,8 +24,9 @@ import threading
 from typing import Callable, TextIO
 
 from ..errors import FlowError
-from .command import CONTROL_HELP
 from .state import ControlError
+
+CONTROL_HELP = "none | stdin | tcp:PORT | ws:PORT (ports listen on 127.0.0.1 only; 0 picks a free one)"
 
 HELP = {
     "set": '{"set": {"temperature": 0.8, "solver": "heun", "nfe": 2, "cfg_scale": 1.5, "context_chunks": 8}}',

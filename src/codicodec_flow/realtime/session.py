@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TextIO
 
 from ..checkpoint import load_bundle
-from ..config import SampleConfig
-from ..devices import autocast_dtype, resolve_device
+from ..codec.prompt import encode_prompt
+from ..config import LIVE_SAMPLING, SampleConfig
 from ..errors import FlowError
-from ..sample import encode_prompt, open_codec
+from ..util.devices import autocast_dtype, resolve_device
 from .display import Display, summary_lines
 from .engine import Engine, EngineConfig, Summary
 from .generator import LiveGenerator
@@ -30,13 +30,8 @@ class RealtimeConfig:
     device: str = "auto"
     codec_ckpt: str | None = None
     trust_codec_ckpt: bool = False
-    solver: str = "euler"
-    nfe: int = 4
-    temperature: float = 1.0
-    cfg_scale: float = 1.0
+    sample: SampleConfig = LIVE_SAMPLING  # solver, NFE, temperature, guidance, seed: the start values of the controls
     context_chunks: int | None = None  # None: the checkpoint's whole window
-    context_noise: float = 0.02
-    seed: int = 0
     prompt_wav: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     sink: str = "sounddevice"
@@ -65,95 +60,91 @@ class SessionResult:
 
 def initial_controls(cfg: RealtimeConfig, window: int) -> Controls:
     """The start values, validated exactly like a live command (a bad flag reads like a bad message)."""
-    ctx = window if cfg.context_chunks is None else cfg.context_chunks
-    start = {"solver": cfg.solver, "nfe": cfg.nfe, "temperature": cfg.temperature, "cfg_scale": cfg.cfg_scale,
-             "context_chunks": ctx, "seed": cfg.seed}
+    s = cfg.sample
+    start = {"solver": s.solver, "nfe": s.nfe, "temperature": s.temperature, "cfg_scale": s.cfg_scale,
+             "context_chunks": window if cfg.context_chunks is None else cfg.context_chunks, "seed": s.seed}
     return apply_message(Controls(context_chunks=window), {"set": start}, Limits(window)).controls
 
 
 def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> SessionResult:
-    """Run a session until --max-chunks, the input's end, quit or Ctrl-C; prints a summary and returns it."""
+    """Run a session until --max-chunks, the input's end, quit or Ctrl-C; prints a summary and returns it.
+
+    With --control stdin, stdout carries the JSON events alone and what people read goes to stderr.
+    """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if cfg.input_wav and cfg.input_device is not None:
         raise FlowError("give --input-wav or --input-device, not both")
     if cfg.sink == "sounddevice" and cfg.pace == "fast":
         raise FlowError("--pace fast does not apply to --sink sounddevice (the sound card sets the pace)")
-    json_out = cfg.control == "stdin"
-    text = sys.stderr if json_out else stdout  # with JSON on stdout, people read stderr ...
-    # ... and any note printed while loading (codec, device) must not break the JSON stream either
-    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
-        return _run(cfg, stdin, stdout, text)
-
-
-def _run(cfg: RealtimeConfig, stdin: TextIO, stdout: TextIO, text: TextIO) -> SessionResult:
-    resources, started = [], False
-    try:
-        sink = open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device))  # a missing sound card fails first
-        resources.append(sink)
+    text = sys.stderr if cfg.control == "stdin" else stdout
+    with _Resources() as resources:
+        sink = resources.hold(open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device)))  # no sound card: fail first
         dev = resolve_device(cfg.device)
         bundle = load_bundle(cfg.ckpt, dev)
         window = bundle.model_cfg.context_chunks
         controls = initial_controls(cfg, window)
-        codec = open_codec(bundle, dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
+        codec = bundle.open_codec(dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
         source = None
         if cfg.input_wav:
             source = WavInput(cfg.input_wav, paced=cfg.paced)
         elif cfg.input_device is not None:
             source = DeviceInput(_device(cfg.input_device))
         if source is not None:
-            resources.append(source)
-        try:
-            sample = SampleConfig(solver=controls.solver, nfe=controls.evals, n_steps=controls.steps,
-                                  temperature=controls.temperature, cfg_scale=controls.cfg_scale,
-                                  context_noise=cfg.context_noise, seed=controls.seed)
-        except ValueError as exc:
-            raise FlowError(str(exc)) from None
-        gen = LiveGenerator(bundle.model, bundle.stats, sample, dev, autocast_dtype("auto", dev))
+            resources.hold(source)
+        gen = LiveGenerator(bundle.model, bundle.stats, cfg.sample, dev, autocast_dtype("auto", dev))
         warmup = None
         if cfg.prompt_wav:
             prompt = encode_prompt(codec, cfg.prompt_wav)  # (T, 8, 64)
             gen.prefill(prompt)
             warmup = prompt[-1]  # (8, 64): the decoder starts from the prompt's sound
-        recorder = WavWriter(cfg.save) if cfg.save else None
-        if recorder is not None:
-            resources.append(recorder)
+        recorder = resources.hold(WavWriter(cfg.save)) if cfg.save else None
         engine = Engine(gen, codec, sink, cfg.engine, controls, recorder, source, warmup)
         control = open_control(cfg.control, engine, stdin, stdout)
         if control is not None:
-            resources.append(control)
+            resources.hold(control)
         print(f"realtime: {bundle.path} on {dev}, codec {codec.name}, sink {cfg.sink}"
               f"{' (real time)' if cfg.paced else ' (as fast as possible)'}"
               f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen})' if source else ''}",
               file=text, flush=True)
         if hasattr(control, "port"):
             print(f"control: {cfg.control.split(':')[0]} on 127.0.0.1:{control.port}", file=text, flush=True)
-        live = (not cfg.plain) if cfg.plain is not None else getattr(text, "isatty", lambda: False)()
-        display = Display(engine, live, text, window)
-        keys_wanted = cfg.keyboard and cfg.control != "stdin"
-        keys = KeyControls(engine, display.note, display.show_help) if keys_wanted else None
-        if keys is not None:
-            display.cursor = lambda: keys.cursor.label()
-        with display, RawKeys(keys.press if keys else None, stdin) as raw:
-            if keys_wanted and not raw.active:
-                print("note: keyboard controls are off (stdin is not a terminal); use --control stdin or tcp:PORT",
-                      file=text, flush=True)
-            started = True
-            try:
-                summary = engine.run()
-            except KeyboardInterrupt:  # Ctrl-C is the ordinary end of an endless session
-                engine.stop()
-                engine.wait(2.0)
-                summary = engine.summary()
-    finally:
-        for r in reversed(resources):
-            if not started and hasattr(r, "abort"):
-                r.abort()  # a session that never started leaves no empty WAV behind
-            else:
-                r.close()
+        summary = _play(cfg, engine, stdin, text, window, resources)
     saved = recorder.path if recorder is not None else None
     for line in summary_lines(summary, str(saved) if saved else None):
         print(line, file=text, flush=True)
     return SessionResult(summary, saved)
+
+
+class _Resources(contextlib.ExitStack):
+    """What a session opened, closed in reverse order at its end; if it never started, what can abort() is aborted
+    instead (a sink or recorder that never played leaves no empty WAV behind)."""
+    started = False
+
+    def hold(self, thing):
+        self.callback(lambda: thing.close() if self.started or not hasattr(thing, "abort") else thing.abort())
+        return thing
+
+
+def _play(cfg: RealtimeConfig, engine: Engine, stdin: TextIO, text: TextIO, window: int,
+          resources: _Resources) -> Summary:
+    """Put up the display and the keys, and run the engine until it ends."""
+    live = (not cfg.plain) if cfg.plain is not None else getattr(text, "isatty", lambda: False)()
+    display = Display(engine, live, text, window)
+    keys_wanted = cfg.keyboard and cfg.control != "stdin"
+    keys = KeyControls(engine, display.note, display.show_help) if keys_wanted else None
+    if keys is not None:
+        display.cursor = lambda: keys.cursor.label()
+    with display, RawKeys(keys.press if keys else None, stdin) as raw:
+        if keys_wanted and not raw.active:
+            print("note: keyboard controls are off (stdin is not a terminal); use --control stdin or tcp:PORT",
+                  file=text, flush=True)
+        resources.started = True  # from here on the sink and recorder are closed, not aborted
+        try:
+            return engine.run()
+        except KeyboardInterrupt:  # Ctrl-C is the ordinary end of an endless session
+            engine.stop()
+            engine.wait(2.0)
+            return engine.summary()
 
 
 def _device(name: str | None) -> str | int | None:

@@ -9,6 +9,7 @@ times faster than real time: throttling and underruns behave the same, only soon
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ import soundfile as sf
 
 from ..codec import CHANNELS, SAMPLE_RATE
 from ..errors import FlowError
-from ..fsutil import atomic_path
+from ..util.fsutil import atomic_path
 from .ring import AudioRing
+
+log = logging.getLogger(__name__)
 
 BLOCK = 2048  # samples a timer-clocked sink takes at a time (~43 ms)
 SINKS = ("sounddevice", "wav", "null")
@@ -68,7 +71,7 @@ class WavWriter:
             room = _WAV_MAX_FRAMES - self.frames
             if wave.shape[1] > room:
                 self.full = True  # the session goes on; the file ends where WAV ends
-                print(f"note: {self.path} reached the 4 GiB WAV limit; recording stopped there")
+                log.warning(f"{self.path} reached the 4 GiB WAV limit; recording stopped there")
             block = np.clip(wave[:, :room], -1.0, 1.0)
             self._fh.write(np.ascontiguousarray(block.T))
             self.frames += block.shape[1]

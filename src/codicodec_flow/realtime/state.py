@@ -20,8 +20,9 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 
 from ..codec import LATENT_DIM, TOKENS_PER_CHUNK
+from ..config import LIVE_SAMPLING
 from ..errors import FlowError
-from ..solvers import SOLVERS, get_solver
+from ..solvers import SOLVERS, get_solver, steps_for
 
 NFE_PRESETS = (1, 2, 4, 8)  # the number keys 1..4
 SEED_MODES = ("crossfade", "cut")
@@ -42,12 +43,12 @@ class ControlError(FlowError):
 @dataclass(frozen=True)
 class Controls:
     """What the next chunk is generated with. Vectors are tuples so the state is hashable and immutable."""
-    solver: str = "euler"
-    nfe: int = 4  # requested evaluations per chunk; rounded to the solver's evaluations per step
-    temperature: float = 1.0
-    cfg_scale: float = 1.0
+    solver: str = LIVE_SAMPLING.solver
+    nfe: int = LIVE_SAMPLING.nfe  # requested evaluations per chunk; rounded to whole solver steps (steps_for)
+    temperature: float = LIVE_SAMPLING.temperature
+    cfg_scale: float = LIVE_SAMPLING.cfg_scale
     context_chunks: int = 32  # attended window, 1..W of the checkpoint
-    seed: int = 0
+    seed: int = LIVE_SAMPLING.seed
     token_scale: tuple[float, ...] = (1.0,) * TOKENS_PER_CHUNK  # (8,)
     token_bias: tuple[float, ...] = (0.0,) * TOKENS_PER_CHUNK  # (8,)
     channel_scale: tuple[float, ...] = (1.0,) * LATENT_DIM  # (64,)
@@ -55,7 +56,7 @@ class Controls:
 
     @property
     def steps(self) -> int:
-        """ODE steps per chunk: the requested NFE rounded to a whole number of the solver's steps."""
+        """ODE steps per chunk: the requested NFE rounded to whole solver steps (solvers.steps_for)."""
         return steps_for(self.solver, self.nfe)
 
     @property
@@ -73,11 +74,6 @@ class Controls:
 
 
 _SETTABLE = tuple(Controls.__dataclass_fields__)  # every control can be set by name
-
-
-def steps_for(solver: str, nfe: int) -> int:
-    """NFE presets adapt to the solver: heun with NFE 1 runs one step (2 evaluations), rk4 with 2 runs one (4)."""
-    return max(1, round(nfe / get_solver(solver).evals_per_step))
 
 
 @dataclass(frozen=True)

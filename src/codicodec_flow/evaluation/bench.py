@@ -1,11 +1,11 @@
-"""The `bench` command: how fast is generation and training on this machine? One run, side by side.
+"""What `bench` measures: how fast is generation and training on this machine? One run, side by side.
 
 Figures are medians of per-chunk wall times with the device synchronised around each chunk. Models
 have random weights: speed does not depend on what a model has learnt.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import platform
 import resource
@@ -14,18 +14,22 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from .codec import CHUNK_SECONDS, load_codec, local_codec
-from .config import MODEL_PRESETS, FlowConfig, SampleConfig
-from .devices import autocast, autocast_dtype, resolve_device
-from .flow import flow_loss, training_batch
-from .fsutil import write_text_atomic
-from .generate import StreamGenerator, WindowRerunGenerator
-from .model import FlowDiT
-from .shards import LatentStats
-from .solvers import get_solver
+from ..checkpoint import Bundle
+from ..codec import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK, Codec, load_codec, local_codec
+from ..config import LIVE_SAMPLING, MODEL_PRESETS, FlowConfig, SampleConfig
+from ..flow import flow_loss, training_batch
+from ..generate import StreamGenerator, WindowRerunGenerator
+from ..latents import LatentStats
+from ..model import FlowDiT
+from ..realtime.engine import Engine, EngineConfig
+from ..realtime.generator import LiveGenerator
+from ..realtime.sinks import NullSink
+from ..realtime.state import Controls
+from ..solvers import get_solver
+from ..util.devices import autocast, autocast_dtype, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,10 @@ def _model(size: str, cfg: BenchConfig, device) -> FlowDiT:
     return FlowDiT(replace(MODEL_PRESETS[size], context_chunks=cfg.context_chunks)).to(device).eval()
 
 
-def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, log) -> list[dict]:
+def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say) -> list[dict]:
     model = _model(size, cfg, device)
-    stats = LatentStats(torch.zeros(64), torch.ones(64), 1)
-    prompt = torch.randn(cfg.context_chunks, 8, 64, generator=torch.Generator().manual_seed(1))
+    stats = LatentStats.identity()
+    prompt = torch.randn(cfg.context_chunks, TOKENS_PER_CHUNK, LATENT_DIM, generator=torch.Generator().manual_seed(1))
     decode_s = _codec_seconds(codec) if codec is not None else None
     rows = []
     for solver in cfg.solvers:
@@ -128,7 +132,7 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, log) -> li
                 row.update(rerun_s=rerun, rerun_rtf=CHUNK_SECONDS / rerun, speedup=rerun / cached)
             if decode_s is not None:
                 row.update(with_codec_s=cached + decode_s, with_codec_rtf=CHUNK_SECONDS / (cached + decode_s))
-            log(f"  {size} {solver} NFE {nfe}: cached {1000 * cached:.1f} ms/chunk"
+            say(f"  {size} {solver} NFE {nfe}: cached {1000 * cached:.1f} ms/chunk"
                 + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else ""))
             rows.append(row)
     return rows
@@ -136,7 +140,7 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, log) -> li
 
 def _codec_seconds(codec, n: int = 3) -> float:
     """Median seconds of one streaming decode_next."""
-    z = torch.randn(n + 1, 8, 64, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(n + 1, TOKENS_PER_CHUNK, LATENT_DIM, generator=torch.Generator().manual_seed(2))
     codec.reset()
     codec.decode_next(z[0])  # warm-up
     times = []
@@ -147,20 +151,19 @@ def _codec_seconds(codec, n: int = 3) -> float:
     return _median(times)
 
 
-def bench_long_stream(size: str, cfg: BenchConfig, device, amp, log) -> dict:
+def bench_long_stream(size: str, cfg: BenchConfig, device, amp, say) -> dict:
     """One stream of long_chunks chunks: per-chunk time and memory early (chunks 10-19) and late (last 10)."""
     model = _model(size, cfg, device)
-    gen = StreamGenerator(model, LatentStats(torch.zeros(64), torch.ones(64), 1), SampleConfig(solver="euler", nfe=4),
-                          device, amp)
+    gen = StreamGenerator(model, LatentStats.identity(), LIVE_SAMPLING, device, amp)
     times, mem = [], {}
     for i in range(cfg.long_chunks):
         times += time_chunks(gen, 1)
         if i + 1 in (20, cfg.long_chunks):
             mem[i + 1] = memory_mb(device)
         if (i + 1) % 200 == 0:
-            log(f"  long stream: {i + 1}/{cfg.long_chunks} chunks")
+            say(f"  long stream: {i + 1}/{cfg.long_chunks} chunks")
     early, late = _median(times[10:20]), _median(times[-10:])
-    return {"size": size, "solver": "euler", "nfe": 4, "chunks": cfg.long_chunks, "early_s": early, "late_s": late,
+    return {"size": size, "solver": LIVE_SAMPLING.solver, "nfe": LIVE_SAMPLING.nfe, "chunks": cfg.long_chunks, "early_s": early, "late_s": late,
             "late_over_early": late / early, "memory_mb_early": mem.get(20), "memory_mb_late": mem.get(cfg.long_chunks)}
 
 
@@ -171,13 +174,13 @@ def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
     model = FlowDiT(MODEL_PRESETS[size]).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    n = crop // 8
+    n = crop // TOKENS_PER_CHUNK
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(cfg.train_steps + 1):  # the first step warms up and is not counted
-        x, valid = torch.randn(batch, crop, 64, generator=g), torch.ones(batch, n, dtype=torch.bool)
-        b = training_batch(x, valid, FlowConfig(), model.cfg.context_chunks, 8, g).to(device)
+        x, valid = torch.randn(batch, crop, LATENT_DIM, generator=g), torch.ones(batch, n, dtype=torch.bool)
+        b = training_batch(x, valid, FlowConfig(), model.cfg.context_chunks, TOKENS_PER_CHUNK, g).to(device)
         sync(device)
         t0 = time.perf_counter()
         with autocast(device, amp):
@@ -195,7 +198,8 @@ def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
             "tokens_per_s": batch * crop / step_s, "peak_memory_mb": peak}
 
 
-def run_bench(cfg: BenchConfig, log=print) -> dict:
+def run_bench(cfg: BenchConfig, say=log.info) -> dict:
+    """Every figure of `bench`, as a dict (see the module docstring); `say` receives a line per finished figure."""
     device = resolve_device(cfg.device)
     amp = autocast_dtype("auto", device)
     report = {"machine": machine(device), "config": asdict(cfg), "dtype": "bf16" if amp else "fp32",
@@ -207,15 +211,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             name = local_codec()[0]
         codec = load_codec(name, device)
         report["codec"] = f"{codec.name} {codec.version}"
-    log(f"machine: {report['machine']}")
+    say(f"machine: {report['machine']}")
     for size in cfg.sizes:
-        report["generation"] += bench_generation(size, cfg, device, amp, codec, log)
+        report["generation"] += bench_generation(size, cfg, device, amp, codec, say)
     if cfg.long_chunks > 0:
-        report["long_stream"] = bench_long_stream(cfg.sizes[0], cfg, device, amp, log)
+        report["long_stream"] = bench_long_stream(cfg.sizes[0], cfg, device, amp, say)
     for size in cfg.sizes:
         if cfg.train_steps > 0:
             report["training"].append(bench_training(size, cfg, device, amp))
-            log(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
+            say(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
     if cfg.realtime_chunks > 0 and codec is not None:
         report["realtime"] = _realtime(cfg, device, amp, codec)
     return report
@@ -223,43 +227,20 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
 def _realtime(cfg: BenchConfig, device, amp, codec) -> dict:
     """Sustained real-time factor of the realtime engine (null sink) with the first size."""
-    from .realtime.engine import sustained_rtf
-    from .checkpoint import Bundle
     model = _model(cfg.sizes[0], cfg, device)
-    bundle = Bundle(model, model.cfg, FlowConfig(), LatentStats(torch.zeros(64), torch.ones(64), 1), codec.name,
-                    codec.version, 0, "(random weights)")
-    return sustained_rtf(bundle, codec, SampleConfig(solver="euler", nfe=4), cfg.realtime_chunks, device)
+    bundle = Bundle(model, model.cfg, FlowConfig(), LatentStats.identity(), codec.name, codec.version, 0,
+                    "(random weights)")
+    return sustained_rtf(bundle, codec, LIVE_SAMPLING, cfg.realtime_chunks, device)
 
 
-def print_report(report: dict, json_path: str | None = None) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 150)
-    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')}")
-    t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
-    for col in ("model", "solver", "NFE", "cached ms", "RTF", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
-                "first chunk ms"):
-        t.add_column(col, justify="right")
-    ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
-    for r in report["generation"]:
-        t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), ms(r["cached_s"]),
-                  f"{r['cached_rtf']:.1f}x", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
-                  ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
-                  ms(r["first_chunk_latency_s"]))
-    console.print(t)
-    if "long_stream" in report:
-        ls = report["long_stream"]
-        console.print(f"long stream ({ls['size']}, euler NFE 4, {ls['chunks']} chunks): chunk 10-19 {1000 * ls['early_s']:.1f} "
-                      f"ms, last 10 {1000 * ls['late_s']:.1f} ms (x{ls['late_over_early']:.2f}); memory "
-                      f"{ls['memory_mb_early']:.0f} MB -> {ls['memory_mb_late']:.0f} MB")
-    if report["training"]:
-        t = Table(title="training")
-        for col in ("model", "batch x crop", "dtype", "s/step", "tokens/s", "peak MB"):
-            t.add_column(col, justify="right")
-        for r in report["training"]:
-            t.add_row(r["size"], f"{r['batch']} x {r['crop_tokens']}", r["dtype"], f"{r['step_s']:.2f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:.0f}")
-        console.print(t)
-    if "realtime" in report:
-        console.print(f"realtime engine: {json.dumps(report['realtime'])}")
-    if json_path:
-        write_text_atomic(json.dumps(report, indent=1), json_path)
-        console.print(f"wrote {json_path}")
+def sustained_rtf(bundle: Bundle, codec: Codec, cfg: SampleConfig, n_chunks: int = 200, device="cpu") -> dict:
+    """Generate + decode n_chunks through the realtime engine as fast as possible into a null sink; its summary.
+
+    bundle: loaded on `device`. "rtf" is audio seconds per compute second, "wall_rtf" per wall second.
+    """
+    device = torch.device(device)
+    gen = LiveGenerator(bundle.model, bundle.stats, cfg, device, autocast_dtype("auto", device))
+    controls = Controls(solver=cfg.solver, nfe=cfg.nfe, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale,
+                        context_chunks=bundle.model_cfg.context_chunks, seed=cfg.seed)
+    engine = Engine(gen, codec, NullSink(paced=False), EngineConfig(max_chunks=n_chunks), controls)
+    return {**engine.run().to_json(), "solver": controls.solver, "nfe": controls.evals, "device": str(device)}

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AUDIO_SUFFIXES, audio_info, iter_audio_blocks
-from .codec import CHUNK_SAMPLES, SAMPLE_RATE, Codec, load_codec
-from .config import PreprocessConfig
-from .devices import resolve_device
-from .errors import AudioError, FlowError
-from .progress import Reporter
+from ..codec import CHUNK_SAMPLES, SAMPLE_RATE, Codec, load_codec
+from ..codec.audio import AUDIO_SUFFIXES, audio_info, iter_audio_blocks
+from ..config import PreprocessConfig
+from ..errors import AudioError, FlowError
+from ..util.devices import resolve_device
+from ..util.progress import Reporter
 from .shards import SHARD_SUFFIX, build_manifest, load_shard, read_meta, save_shard
 
 

@@ -1,12 +1,15 @@
 """Progress reporting: a rich bar with ETA on a terminal, plain log lines elsewhere (CI, files, notebooks)."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+
+log = logging.getLogger(__name__)
 
 
 def interactive() -> bool:
@@ -15,11 +18,10 @@ def interactive() -> bool:
 
 
 class Reporter:
-    """Counts work items; draws a bar on a terminal, prints one line per item otherwise."""
+    """Counts work items; draws a bar on a terminal, logs one line per item (at most every plain_every_s) otherwise."""
 
-    def __init__(self, total: int, description: str, unit: str = "item", plain: bool | None = None,
-                 plain_every_s: float = 0.0):
-        self.total, self.description, self.unit = total, description, unit
+    def __init__(self, total: int, description: str, plain: bool | None = None, plain_every_s: float = 0.0):
+        self.total, self.description = total, description
         self.plain_every_s, self._last_line = plain_every_s, float("-inf")
         self.plain = (not interactive()) if plain is None else plain
         self.done, self.t0 = 0, time.perf_counter()
@@ -42,14 +44,7 @@ class Reporter:
             self._last_line = time.perf_counter()
             elapsed = self._last_line - self.t0
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            print(f"[{self.done}/{self.total}] {note}  (elapsed {elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
-
-    def log(self, message: str) -> None:
-        """Print a line without breaking the bar."""
-        if self._bar is not None:
-            self._bar.console.print(message, markup=False, highlight=False)
-        else:
-            print(message, flush=True)
+            log.info(f"{self.description} [{self.done}/{self.total}] {note}  (elapsed {elapsed:.0f}s, eta {eta:.0f}s)")
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

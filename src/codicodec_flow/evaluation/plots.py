@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend is set, notebooks keep theirs
 
-from .codec.base import SAMPLE_RATE
-from .fsutil import atomic_path
+from ..codec.base import SAMPLE_RATE
+from ..util.fsutil import atomic_path
 
 
 def log_spectrogram(wave: torch.Tensor, n_fft: int = 2048, hop: int = 512) -> torch.Tensor:

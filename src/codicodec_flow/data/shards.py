@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .codec.base import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK
-from .errors import DataError
-from .fsutil import load_tensors, torch_save_atomic, write_text_atomic
+from ..codec.base import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK
+from ..errors import DataError
+from ..latents import LatentStats
+from ..util.fsutil import load_tensors, torch_save_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".pt"
@@ -27,21 +28,6 @@ FORMAT_VERSION = 1
 class Shard:
     latents: torch.Tensor  # (T, 8, 64) float32
     meta: dict
-
-
-@dataclass(frozen=True)
-class LatentStats:
-    mean: torch.Tensor  # (64,)
-    std: torch.Tensor  # (64,)
-    tokens: int
-
-    def to_json(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "tokens": self.tokens}
-
-    @staticmethod
-    def from_json(d: dict) -> "LatentStats":
-        return LatentStats(torch.tensor(d["mean"], dtype=torch.float32), torch.tensor(d["std"], dtype=torch.float32),
-                           int(d["tokens"]))
 
 
 def save_shard(path: str | Path, latents: torch.Tensor, meta: dict) -> None:

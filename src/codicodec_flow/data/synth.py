@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import write_wav
-from .codec.base import SAMPLE_RATE
+from ..codec.audio import write_wav
+from ..codec.base import SAMPLE_RATE
 
 _MINOR = [0, 2, 3, 5, 7, 8, 10]
 _PROGRESSIONS = [[0, 5, 3, 4], [0, 3, 4, 4], [0, 6, 5, 4], [0, 4, 5, 3]]

@@ -16,9 +16,9 @@ import soundfile as sf
 import soxr
 import torch
 
-from .codec.base import CHANNELS, SAMPLE_RATE
-from .errors import AudioError
-from .fsutil import atomic_path
+from ..errors import AudioError
+from ..util.fsutil import atomic_path
+from .base import CHANNELS, SAMPLE_RATE
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc"})
 _READ_BLOCK = 1 << 18  # source frames read per block when streaming a file

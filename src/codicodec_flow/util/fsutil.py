@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_beside(path: Path) -> Path:
+    """Create an empty, uniquely named hidden file in path's folder, with the permissions the umask gives new files."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, as open() does
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -18,17 +26,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual permissions
-    tmp_path = Path(tmp)
+    tmp = _create_beside(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:  # data on disk before the rename makes it visible
+        yield tmp
+        with open(tmp, "rb") as fh:  # data on disk before the rename makes it visible
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        os.replace(tmp, path)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def torch_save_atomic(obj, path: str | Path) -> None:

@@ -1,7 +1,8 @@
-"""Training monitor: a live terminal dashboard on a TTY, plain log lines otherwise; always metrics.jsonl."""
+"""Training monitor: a live terminal dashboard on a TTY, plain log lines (`logging`) otherwise; always metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 _SPARK = "▁▂▃▄▅▆▇█"
+log = logging.getLogger(__name__)
 
 
 def sparkline(values: list[float], width: int = 48) -> str:
@@ -40,7 +42,7 @@ class Monitor:
             self._live = Live(self._render(), refresh_per_second=4, transient=False)
             self._live.start()
         else:
-            print(self.header, flush=True)
+            log.info(self.header)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -59,7 +61,7 @@ class Monitor:
         if self._live is not None:
             self._live.update(self._render())
         else:
-            print(" ".join(_fmt(k, v) for k, v in record.items() if k != "time"), flush=True)
+            log.info(" ".join(_fmt(k, v) for k, v in record.items() if k != "time"))
 
     def event(self, message: str) -> None:
         """A one-off message (checkpoint saved, sample written)."""
@@ -67,7 +69,7 @@ class Monitor:
         if self._live is not None:
             self._live.update(self._render())
         else:
-            print(message, flush=True)
+            log.info(message)
 
     def _render(self):
         m = self.latest
@@ -96,3 +98,19 @@ def _fmt(k, v) -> str:
     if isinstance(v, float):
         return f"{k}={v:.4g}"
     return f"{k}={v}"
+
+
+class QuietMonitor:
+    """The monitor of DDP ranks other than 0: records and shows nothing."""
+
+    def __enter__(self) -> "QuietMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def event(self, message: str) -> None:
+        pass

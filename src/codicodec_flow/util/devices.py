@@ -1,9 +1,13 @@
 """Device and dtype choice shared by every command."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .errors import FlowError
+from ..errors import FlowError
+
+log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -39,13 +43,13 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto" and device.type == "cpu":
         return None  # bf16 autocast is slower than fp32 on most CPUs
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        print("note: this GPU has no native bf16 (before Ampere, e.g. a T4); using fp32")
+        log.warning("this GPU has no native bf16 (before Ampere, e.g. a T4); using fp32")
         return None
     try:  # MPS gained bf16 autocast in recent PyTorch; probe instead of guessing from the version
         with torch.autocast(device.type, dtype=torch.bfloat16):
             (torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)).sum().item()
     except Exception:
-        print(f"note: bf16 autocast is not available on {device} with torch {torch.__version__}; using fp32")
+        log.warning(f"bf16 autocast is not available on {device} with torch {torch.__version__}; using fp32")
         return None
     return torch.bfloat16
 

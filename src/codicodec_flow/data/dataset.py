@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .codec.base import CHUNK_SECONDS
-from .errors import DataError
-from .shards import LatentStats, load_shard, read_manifest
+from ..codec.base import CHUNK_SECONDS
+from ..errors import DataError
+from ..latents import LatentStats, normalise
+from .shards import load_shard, read_manifest
 
 
 @dataclass
@@ -88,14 +89,6 @@ def split_files(files: list[LatentFile], val_fraction: float) -> tuple[list[Late
 def step_generator(seed: int, rank: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator determined by (seed, rank, step, stream): the whole state of the sampler."""
     return torch.Generator().manual_seed(hash((seed, rank, step, stream)) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def normalise(z: torch.Tensor, stats: LatentStats) -> torch.Tensor:
-    return (z - stats.mean) / stats.std
-
-
-def denormalise(z: torch.Tensor, stats: LatentStats) -> torch.Tensor:
-    return z * stats.std.to(z.device) + stats.mean.to(z.device)
 
 
 def random_crops(files: list[LatentFile], stats: LatentStats, batch: int, crop_chunks: int,

@@ -1,6 +1,7 @@
-"""`smoke-test`: check the wiring on this machine (device, dtypes, codec round trip) as a pass/fail table."""
+"""`codicodec-flow smoke-test`: check the wiring on this machine (device, dtypes, codec round trip) as a pass/fail table."""
 from __future__ import annotations
 
+import argparse
 import time
 import traceback
 from dataclasses import dataclass
@@ -10,8 +11,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .codec import CHANNELS, CHUNK_SAMPLES, LATENT_DIM, SAMPLE_RATE, TOKENS_PER_CHUNK, load_codec
-from .devices import resolve_device
+from ..codec import CHANNELS, CHUNK_SAMPLES, LATENT_DIM, SAMPLE_RATE, TOKENS_PER_CHUNK, load_codec
+from ..config import LIVE_SAMPLING, MODEL_PRESETS
+from ..generate import StreamGenerator
+from ..latents import LatentStats
+from ..model import FlowDiT, stream_mask
+from ..util.devices import autocast, autocast_dtype, resolve_device
+from .flags import add_codec, add_device
 
 
 @dataclass
@@ -83,7 +89,8 @@ def run_smoke(device_name: str = "auto", codec_name: str = "spectral", codec_ckp
         y1 = c.decode_next(z[0])
         assert tuple(y1.shape) == (CHANNELS, CHUNK_SAMPLES), f"decode_next gave {tuple(y1.shape)}"
         rtf = (2 * CHUNK_SAMPLES / SAMPLE_RATE) / (time.perf_counter() - t0)
-        return f"encode (2, 8, 64), decode (2, 65536), decode_next (2, 32768); {rtf:.1f}x real time"
+        return (f"encode {tuple(z.shape)}, decode {tuple(y.shape)}, decode_next {tuple(y1.shape)}; "
+                f"{rtf:.1f}x real time")
 
     for name, fn in [("device", device), ("dtypes", dtypes), ("codec load", codec), ("codec round trip", round_trip)]:
         checks.append(_run(name, fn))
@@ -95,40 +102,32 @@ def run_smoke(device_name: str = "auto", codec_name: str = "spectral", codec_ckp
     return checks
 
 
-def _small_model(device):
-    from .config import MODEL_PRESETS
-    from .model import FlowDiT
+def _small_model(device) -> FlowDiT:
     torch.manual_seed(0)
     return FlowDiT(MODEL_PRESETS["small"]).to(device).eval()
 
 
 def model_forward(device) -> str:
-    """The small preset's full masked forward and its cached forward on this device, with its dtype."""
-    from .devices import autocast, autocast_dtype
-    from .model import stream_mask
+    """The small preset's full two-stream masked forward on this device, in the dtype training would use."""
     model, amp = _small_model(device), autocast_dtype("auto", device)
-    x = torch.randn(1, 64, 64, device=device)
+    x = torch.randn(1, 8 * TOKENS_PER_CHUNK, LATENT_DIM, device=device)  # 8 chunks
     with torch.inference_mode(), autocast(device, amp):
-        out = model(torch.cat([x, x], 1), torch.rand(1, 128, device=device), torch.arange(64).repeat(2),
-                    stream_mask(8, 4, device=device))
-    assert out.shape == (1, 128, 64) and torch.isfinite(out.float()).all(), "forward gave NaN/inf"
+        out = model(torch.cat([x, x], 1), torch.rand(1, 2 * x.shape[1], device=device), torch.arange(x.shape[1]).repeat(2),
+                    stream_mask(8, 4, TOKENS_PER_CHUNK, device=device))
+    assert out.shape == (1, 2 * x.shape[1], LATENT_DIM) and torch.isfinite(out.float()).all(), "forward gave NaN/inf"
     return f"small model ({model.num_params() / 1e6:.1f} M) forward ok in {'bf16' if amp else 'fp32'}"
 
 
 def one_chunk(device) -> str:
     """One chunk through the streaming generator (random weights), timed."""
-    from .config import SampleConfig
-    from .devices import autocast_dtype
-    from .generate import StreamGenerator
-    from .shards import LatentStats
-    gen = StreamGenerator(_small_model(device), LatentStats(torch.zeros(64), torch.ones(64), 1),
-                          SampleConfig(solver="euler", nfe=4), device, autocast_dtype("auto", device))
+    gen = StreamGenerator(_small_model(device), LatentStats.identity(), LIVE_SAMPLING, device,
+                          autocast_dtype("auto", device))
     gen.next_chunk()  # warm-up
     t0 = time.perf_counter()
     z = gen.next_chunk()
     seconds = time.perf_counter() - t0
-    assert z.shape == (1, 8, 64) and torch.isfinite(z).all(), "generated chunk has NaN/inf"
-    return f"small model, euler NFE 4: {1000 * seconds:.0f} ms per chunk ({CHUNK_SAMPLES / SAMPLE_RATE / seconds:.1f}x real time)"
+    assert z.shape == (1, TOKENS_PER_CHUNK, LATENT_DIM) and torch.isfinite(z).all(), "generated chunk has NaN/inf"
+    return f"small model, {gen.cfg.solver} NFE {gen.evals}: {1000 * seconds:.0f} ms per chunk ({CHUNK_SAMPLES / SAMPLE_RATE / seconds:.1f}x real time)"
 
 
 def print_checks(checks: list[Check]) -> None:
@@ -138,3 +137,16 @@ def print_checks(checks: list[Check]) -> None:
     for c in checks:
         table.add_row(c.name, "[green]pass[/]" if c.ok else "[red]FAIL[/]", c.detail, f"{c.seconds:.2f}")
     Console().print(table)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("smoke-test", help="check device, dtypes and codec wiring on this machine")
+    add_device(p)
+    add_codec(p, default="spectral")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    checks = run_smoke(a.device, a.codec, a.codec_ckpt, a.trust_codec_ckpt)
+    print_checks(checks)
+    return 0 if all(c.ok for c in checks) else 1

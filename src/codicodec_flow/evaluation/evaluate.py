@@ -12,18 +12,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_bundle
-from .codec import CHUNK_SAMPLES, CHUNK_SECONDS
-from .config import SampleConfig
-from .data import LatentFile, load_latents, normalise, validation_crops
-from .devices import autocast, autocast_dtype, resolve_device
-from .errors import DataError, FlowError
-from .flow import validation_loss
-from .fsutil import write_text_atomic
-from .generate import StreamGenerator
+from ..checkpoint import Bundle, load_bundle
+from ..codec import CHUNK_SAMPLES, CHUNK_SECONDS
+from ..codec.prompt import decode_latents
+from ..config import SampleConfig
+from ..data.dataset import LatentFile, load_latents, validation_crops
+from ..errors import DataError, FlowError
+from ..flow import validation_loss
+from ..generate import StreamGenerator
+from ..latents import normalise
+from ..util.devices import autocast, autocast_dtype, resolve_device
+from ..util.fsutil import write_text_atomic
+from ..util.progress import Reporter
 from .metrics import drift_report, frechet_report, memorisation, prompt_relatedness
 from .plots import curves_png, latent_heatmap_png, spectrogram_png, training_curves_png
-from .progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -56,76 +58,96 @@ def pick_windows(files: list[LatentFile], n: int, length: int, seed: int = 0) ->
     return out
 
 
+@dataclass
+class _Run:
+    """What every part of one evaluation shares."""
+    cfg: EvalConfig
+    sample: SampleConfig
+    bundle: Bundle
+    device: torch.device
+    amp: torch.dtype | None
+    files: list[LatentFile]  # the held-out latents
+    out: Path
+    plain: bool | None
+
+    def generator(self, streams: int) -> StreamGenerator:
+        return StreamGenerator(self.bundle.model, self.bundle.stats, replace(self.sample, num_samples=streams),
+                               self.device, self.amp)
+
+    def norm(self, z: torch.Tensor) -> torch.Tensor:
+        return normalise(z, self.bundle.stats)
+
+
 def run_eval(cfg: EvalConfig, sample: SampleConfig = SampleConfig(), plain: bool | None = None) -> dict:
     """Compute every figure, write eval.json and the PNGs into cfg.out_dir, and return the figures."""
     dev = resolve_device(cfg.device)
     bundle = load_bundle(cfg.ckpt, dev)
-    model, stats, W = bundle.model, bundle.stats, bundle.model_cfg.context_chunks
     held = load_latents(cfg.data_dir, val_fraction=0.0)
-    files = held.train
     if held.codec != bundle.codec:
         raise DataError(f"{cfg.data_dir} holds {held.codec} latents but {cfg.ckpt} was trained on {bundle.codec}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    norm = lambda z: normalise(z, stats)  # noqa: E731
-    amp = autocast_dtype("auto", dev)
+    ev = _Run(cfg, sample, bundle, dev, autocast_dtype("auto", dev), held.train, Path(cfg.out_dir), plain)
+    ev.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"ckpt": cfg.ckpt, "step": bundle.step, "data_dir": cfg.data_dir, "config": asdict(cfg),
-                    "sample": asdict(sample), "held_out_hours": held.hours(files), "plots": {}}
+                    "sample": asdict(sample), "held_out_hours": held.hours(ev.files), "plots": {}}
     t0 = time.perf_counter()
-
-    crops = validation_crops(files, stats, min(96, 2 * W + 1), max_crops=64)
-    val = validation_loss(model, crops, sample.context_noise, dev, autocast=lambda: autocast(dev, amp))
+    W = bundle.model_cfg.context_chunks
+    crops = validation_crops(ev.files, bundle.stats, min(96, 2 * W + 1), max_crops=64)
+    val = validation_loss(bundle.model, crops, sample.context_noise, dev, autocast=lambda: autocast(dev, ev.amp))
     report["validation"] = {"loss": val["loss"], "by_t": {str(k): v for k, v in val["by_t"].items()},
                             "crops": len(crops), "definition": "next-chunk velocity MSE in the generation setting, "
                             "fixed noise, t grid " + ", ".join(map(str, val["by_t"]))}
+    _continuations(ev, report)
+    if cfg.rollout_chunks > 0:
+        report["rollout"] = _rollout(ev.generator(1), ev.files, cfg, plain)
+        report["plots"]["drift"] = str(_drift_png(report["rollout"], cfg, ev.out))
+    curves = Path(cfg.ckpt).parent / "metrics.jsonl"
+    if curves.exists() and (png := training_curves_png(curves, ev.out / "training_curves.png")):
+        report["plots"]["training"] = str(png)
+    report["seconds"] = time.perf_counter() - t0
+    write_text_atomic(json.dumps(report, indent=1), ev.out / "eval.json")
+    return report
 
+
+def _continuations(ev: _Run, report: dict) -> None:
+    """Continue held-out prompts; Fréchet distances and relatedness against the real continuations, memorisation,
+    a latent heat-map and a spectrogram, into report."""
+    cfg, files, norm = ev.cfg, ev.files, ev.norm
     P, K = cfg.prompt_chunks, cfg.continuation_chunks
     windows = pick_windows(files, cfg.prompts, P + K)
     if len(windows) < 2:
         report["continuation"] = {"skipped": f"fewer than 2 held-out windows of {P + K} chunks"}
+        return
+    prompts = torch.stack([files[i].latents[s:s + P] for i, s in windows])  # (N, P, 8, 64)
+    real = torch.stack([files[i].latents[s + P:s + P + K] for i, s in windows])  # (N, K, 8, 64)
+    gen = ev.generator(len(windows))
+    gen.prefill(prompts)
+    with Reporter(K, "continuations", plain=ev.plain) as bar:
+        cont = gen.generate(K, lambda i, _: bar.advance(f"{len(windows)} prompts"))  # (N, K, 8, 64)
+    report["continuation"] = {
+        "prompts": len(windows), "prompt_chunks": P, "chunks": K,
+        "frechet": frechet_report(norm(cont), norm(real)),
+        "frechet_definition": "fd_token: Gaussians over every 64-channel token; fd_chunk: over chunk means "
+                              "of the 8 tokens; normalised latents; generated vs the real next chunks",
+        "relatedness": prompt_relatedness(norm(cont), norm(prompts)),
+        "relatedness_real": prompt_relatedness(norm(real), norm(prompts)),
+    }
+    if cfg.train_dir:
+        bank = torch.cat([f.latents for f in load_latents(cfg.train_dir, val_fraction=0.0).train])
+        if bank.shape[0] > 20000:  # a fixed subsample keeps the check to seconds
+            bank = bank[torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(0))[:20000]]
+        report["memorisation"] = memorisation(norm(cont), norm(real), norm(bank))
     else:
-        prompts = torch.stack([files[i].latents[s:s + P] for i, s in windows])  # (N, P, 8, 64)
-        real = torch.stack([files[i].latents[s + P:s + P + K] for i, s in windows])  # (N, K, 8, 64)
-        gen = StreamGenerator(model, stats, replace(sample, num_samples=len(windows)), dev, amp)
-        gen.prefill(prompts)
-        with Reporter(K, "continuations", plain=plain) as bar:
-            cont = gen.generate(K, lambda i, _: bar.advance(f"{len(windows)} prompts"))
-        report["continuation"] = {
-            "prompts": len(windows), "prompt_chunks": P, "chunks": K,
-            "frechet": frechet_report(norm(cont), norm(real)),
-            "frechet_definition": "fd_token: Gaussians over every 64-channel token; fd_chunk: over chunk means "
-                                  "of the 8 tokens; normalised latents; generated vs the real next chunks",
-            "relatedness": prompt_relatedness(norm(cont), norm(prompts)),
-            "relatedness_real": prompt_relatedness(norm(real), norm(prompts)),
-        }
-        if cfg.train_dir:
-            bank = torch.cat([f.latents for f in load_latents(cfg.train_dir, val_fraction=0.0).train])
-            if bank.shape[0] > 20000:  # a fixed subsample keeps the check to seconds
-                bank = bank[torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(0))[:20000]]
-            report["memorisation"] = memorisation(norm(cont), norm(real), norm(bank))
-        else:
-            report["memorisation"] = {"skipped": "pass --train-dir (the training latents) to check for copying"}
-        report["plots"]["latents"] = str(latent_heatmap_png(
-            norm(torch.cat([prompts[0], cont[0]])), out / "latents_prompt_continuation.png",
-            "prompt | continuation (normalised latents)", boundary=P))
-        if cfg.audio:
-            report["plots"]["spectrogram"] = _spectrogram(bundle, cfg, dev, prompts[0], cont[0], out)
-
-    if cfg.rollout_chunks > 0:
-        report["rollout"] = _rollout(model, stats, sample, dev, amp, files, cfg, out, report, plain)
-    curves = Path(cfg.ckpt).parent / "metrics.jsonl"
-    if curves.exists() and (png := training_curves_png(curves, out / "training_curves.png")):
-        report["plots"]["training"] = str(png)
-    report["seconds"] = time.perf_counter() - t0
-    write_text_atomic(json.dumps(report, indent=1), out / "eval.json")
-    return report
+        report["memorisation"] = {"skipped": "pass --train-dir (the training latents) to check for copying"}
+    report["plots"]["latents"] = str(latent_heatmap_png(
+        norm(torch.cat([prompts[0], cont[0]])), ev.out / "latents_prompt_continuation.png",
+        "prompt | continuation (normalised latents)", boundary=P))
+    if cfg.audio:
+        report["plots"]["spectrogram"] = _spectrogram(ev.bundle, cfg, ev.device, prompts[0], cont[0], ev.out)
 
 
-def _rollout(model, stats, sample, dev, amp, files, cfg: EvalConfig, out: Path, report: dict, plain) -> dict:
+def _rollout(gen: StreamGenerator, files: list[LatentFile], cfg: EvalConfig, plain: bool | None) -> dict:
     """One long stream from the first held-out prompt; per-segment statistics against the held-out data."""
-    start = files[0].latents[: min(cfg.prompt_chunks, files[0].chunks)]
-    gen = StreamGenerator(model, stats, replace(sample, num_samples=1), dev, amp)
-    gen.prefill(start)
+    gen.prefill(files[0].latents[: min(cfg.prompt_chunks, files[0].chunks)])
     times = []
     with Reporter(cfg.rollout_chunks, "rollout", plain=plain, plain_every_s=5.0) as bar:
         def tick(i, _):
@@ -134,26 +156,29 @@ def _rollout(model, stats, sample, dev, amp, files, cfg: EvalConfig, out: Path, 
         z = gen.generate(cfg.rollout_chunks, tick)[0]  # (R, 8, 64)
     reference = torch.cat([f.latents for f in files])
     seg = min(cfg.segment_chunks, max(1, cfg.rollout_chunks // 4))
-    drift = drift_report(normalise(z, stats), normalise(reference, stats), seg)
-    segs = drift["segments"]
-    xs = [(s["start"] + seg / 2) * CHUNK_SECONDS / 60 for s in segs]
-    fd_series = {"rollout segment vs held-out data": (xs, [s["fd"] for s in segs])}
-    if drift["real_segment_fd"] is not None:  # the same statistic for real held-out segments, for scale
-        fd_series["real segments (median)"] = (xs, [drift["real_segment_fd"]] * len(xs))
-    report["plots"]["drift"] = str(curves_png(
-        [("Fréchet distance", fd_series),
-         ("mean shift (data std)", {"segment": (xs, [s["mean_shift"] for s in segs])}),
-         ("std / data std", {"segment": (xs, [s["std_ratio"] for s in segs])})],
-        out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {drift['verdict']}", xlabel="minutes"))
+    drift = drift_report(normalise(z, gen.stats), normalise(reference, gen.stats), seg)
     per_chunk = torch.tensor(times).diff()
     return {"chunks": cfg.rollout_chunks, "minutes": cfg.rollout_chunks * CHUNK_SECONDS / 60, "segment_chunks": seg,
             **drift, "seconds_per_chunk_median": float(per_chunk.median()) if len(per_chunk) else None}
 
 
-def _spectrogram(bundle, cfg: EvalConfig, dev, prompt, cont, out: Path) -> str:
-    from .sample import decode_latents, open_codec
+def _drift_png(rollout: dict, cfg: EvalConfig, out: Path) -> Path:
+    """The rollout's per-segment Fréchet distance (with real held-out segments for scale), mean shift and spread."""
+    segs, seg = rollout["segments"], rollout["segment_chunks"]
+    xs = [(s["start"] + seg / 2) * CHUNK_SECONDS / 60 for s in segs]
+    fd_series = {"rollout segment vs held-out data": (xs, [s["fd"] for s in segs])}
+    if rollout["real_segment_fd"] is not None:
+        fd_series["real segments (median)"] = (xs, [rollout["real_segment_fd"]] * len(xs))
+    return curves_png([("Fréchet distance", fd_series),
+                       ("mean shift (data std)", {"segment": (xs, [s["mean_shift"] for s in segs])}),
+                       ("std / data std", {"segment": (xs, [s["std_ratio"] for s in segs])})],
+                      out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {rollout['verdict']}",
+                      xlabel="minutes")
+
+
+def _spectrogram(bundle: Bundle, cfg: EvalConfig, dev, prompt, cont, out: Path) -> str:
     try:
-        codec = open_codec(bundle, dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
+        codec = bundle.open_codec(dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
     except FlowError as exc:
         return f"skipped: {exc}"
     wave = decode_latents(codec, torch.cat([prompt, cont]), "parallel")

@@ -1,48 +1,46 @@
-"""The `realtime` sub-command: flags -> RealtimeConfig -> run_realtime. Imports stay light until it runs."""
+"""`codicodec-flow realtime`: flags -> RealtimeConfig -> run_realtime (the session lives in realtime/session.py)."""
 from __future__ import annotations
 
 import argparse
 
-SINK_CHOICES = ("sounddevice", "wav", "null")
-CONTROL_HELP = "none | stdin | tcp:PORT | ws:PORT (ports listen on 127.0.0.1 only; 0 picks a free one)"
+from ..config import LIVE_SAMPLING
+from ..errors import FlowError
+from ..realtime.engine import EngineConfig
+from ..realtime.live_input import LISTEN_MODES
+from ..realtime.protocol import CONTROL_HELP
+from ..realtime.session import PACES, RealtimeConfig, run_realtime
+from ..realtime.sinks import SINKS
+from .flags import add_codec_weights, add_device, add_sampling, sample_config
 
 
-def add_realtime_parser(sub) -> None:
-    """Register `codicodec-flow realtime` on an argparse sub-parser collection."""
-    from ..cli import codec_weight_flags
-    from ..devices import DEVICE_CHOICES
-    from ..solvers import SOLVERS
+def register(sub) -> None:
+    d = EngineConfig()
     p = sub.add_parser("realtime", help="play an endless stream live, steerable from keys or a JSON protocol",
                        description="Generate chunk after chunk in real time into a sound card, a WAV file or nowhere; "
                                    "steer it live; optionally accompany a live (or replayed) input.")
     p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto)")
-    codec_weight_flags(p)
-    g = p.add_argument_group("sampling (all changeable live)")
-    g.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
-    g.add_argument("--nfe", type=int, default=4,
-                   help="model evaluations per chunk, rounded to whole steps of the solver (default 4)")
-    g.add_argument("--temperature", type=float, default=1.0, help="scale of the starting noise, 0..4 (default 1)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance, 0..10; 1 = off (default 1)")
+    add_device(p)
+    add_codec_weights(p)
+    add_sampling(p, LIVE_SAMPLING, "sampling (solver, NFE, temperature, guidance and seed are changeable live)")
+    g = p.add_argument_group("context")
     g.add_argument("--context-chunks", type=int, default=None,
-                   help="past chunks attended, 1..W (default: the checkpoint's whole window W)")
-    g.add_argument("--context-noise", type=float, default=0.02,
-                   help="noise level put on each chunk before it becomes context (default 0.02)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    g.add_argument("--crossfade-chunks", type=int, default=4,
-                   help="chunks over which a live seed change blends the old noise into the new (default 4)")
+                   help="past chunks attended, 1..W, changeable live (default: the checkpoint's whole window W)")
+    g.add_argument("--crossfade-chunks", type=int, default=d.crossfade_chunks,
+                   help=f"chunks over which a live seed change blends the old noise into the new "
+                        f"(default {d.crossfade_chunks})")
     g.add_argument("--prompt-wav", default=None, help="audio whose last chunks start the context (optional)")
     o = p.add_argument_group("output")
-    o.add_argument("--sink", default="sounddevice", choices=SINK_CHOICES,
+    o.add_argument("--sink", default="sounddevice", choices=SINKS,
                    help="sounddevice: the default sound card (PortAudio); wav: a file (--out); null: discard "
                         "(benchmarks). Default sounddevice")
     o.add_argument("--out", default=None, metavar="FILE.wav", help="the file of --sink wav (what would have played)")
     o.add_argument("--output-device", default=None, help="PortAudio output device name or index (default: system's)")
-    o.add_argument("--pace", default="auto", choices=("auto", "realtime", "fast"),
+    o.add_argument("--pace", default="auto", choices=PACES,
                    help="realtime: wav/null sinks and --input-wav run at the speed of sound; fast: as fast as "
                         "possible; auto: realtime except with --sink null (default)")
-    o.add_argument("--prebuffer", type=int, default=2,
-                   help="chunks generated before playback starts; the buffer is held at this level (default 2)")
+    o.add_argument("--prebuffer", type=int, default=d.prebuffer,
+                   help=f"chunks generated before playback starts; the buffer is held at this level "
+                        f"(default {d.prebuffer})")
     o.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (default: never)")
     o.add_argument("--save", default=None, metavar="FILE.wav", help="also record the generated stream to this WAV")
     c = p.add_argument_group("control")
@@ -52,24 +50,20 @@ def add_realtime_parser(sub) -> None:
     i = p.add_argument_group("live accompaniment")
     i.add_argument("--input-wav", default=None, help="replay this file as the live input (paced like --pace)")
     i.add_argument("--input-device", default=None, help="PortAudio input device name or index")
-    i.add_argument("--listen", default="input", choices=("input", "mix"),
+    i.add_argument("--listen", default=d.listen, choices=LISTEN_MODES,
                    help="context from the input alone, or from the input mixed with the model's own output "
-                        "(default input)")
-    p.set_defaults(func=run_command)
+                        f"(default {d.listen})")
+    p.set_defaults(func=run)
 
 
-def run_command(a: argparse.Namespace) -> int:
-    from ..errors import FlowError
-    from .engine import EngineConfig
-    from .session import RealtimeConfig, run_realtime
+def run(a: argparse.Namespace) -> int:
     try:
         engine = EngineConfig(prebuffer=a.prebuffer, crossfade_chunks=a.crossfade_chunks, max_chunks=a.max_chunks,
                               listen=a.listen)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
     cfg = RealtimeConfig(ckpt=a.ckpt, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
-                         solver=a.solver, nfe=a.nfe, temperature=a.temperature, cfg_scale=a.cfg_scale,
-                         context_chunks=a.context_chunks, context_noise=a.context_noise, seed=a.seed,
+                         sample=sample_config(a, LIVE_SAMPLING), context_chunks=a.context_chunks,
                          prompt_wav=a.prompt_wav, engine=engine, sink=a.sink, out=a.out,
                          output_device=a.output_device, pace=a.pace, save=a.save, control=a.control,
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,

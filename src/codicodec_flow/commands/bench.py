@@ -1,0 +1,87 @@
+"""`codicodec-flow bench`: how fast generation and training run on this machine, as a table and JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from ..config import MODEL_PRESETS
+from ..errors import FlowError
+from ..evaluation.bench import BenchConfig, run_bench
+from ..util.fsutil import write_text_atomic
+from .flags import add_device
+
+
+def register(sub) -> None:
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="speed of generation (cache vs re-run), long streams and training on this machine")
+    add_device(p, d.device)
+    p.add_argument("--sizes", default=",".join(d.sizes), help=f"model presets, comma-separated (default {','.join(d.sizes)})")
+    p.add_argument("--solvers", default=",".join(d.solvers), help=f"solvers (default {','.join(d.solvers)})")
+    p.add_argument("--nfes", default=",".join(map(str, d.nfes)), help=f"NFE values (default {','.join(map(str, d.nfes))})")
+    p.add_argument("--context-chunks", type=int, default=d.context_chunks,
+                   help=f"window for every figure (default {d.context_chunks})")
+    p.add_argument("--measure-chunks", type=int, default=d.measure_chunks, help="chunks timed per cached setting")
+    p.add_argument("--rerun-chunks", type=int, default=d.rerun_chunks,
+                   help="chunks timed for the re-run-the-window reference (0 skips it)")
+    p.add_argument("--long-chunks", type=int, default=d.long_chunks, help="length of the long stream (0 skips)")
+    p.add_argument("--codec", default=d.codec, choices=("auto", "codicodec", "spectral", "none"),
+                   help="codec for flow + decode figures (auto: codicodec if installed, else spectral)")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps (0 skips)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 on GPUs, 1 on CPU)")
+    p.add_argument("--train-crop", type=int, default=None, help="training crop tokens (default 768 on GPUs, 128 on CPU)")
+    p.add_argument("--realtime-chunks", type=int, default=d.realtime_chunks,
+                   help="chunks for the realtime engine's sustained real-time factor (0 skips)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    try:
+        cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
+                          tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
+                          a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks)
+    except ValueError:
+        raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
+    unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
+    if unknown:
+        raise FlowError(f"unknown --sizes {unknown}: choose from {', '.join(MODEL_PRESETS)}")
+    print_report(run_bench(cfg), a.json)
+    return 0
+
+
+def print_report(report: dict, json_path: str | None = None) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')}")
+    t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
+    for col in ("model", "solver", "NFE", "cached ms", "RTF", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
+                "first chunk ms"):
+        t.add_column(col, justify="right")
+    ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
+    for r in report["generation"]:
+        t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), ms(r["cached_s"]),
+                  f"{r['cached_rtf']:.1f}x", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
+                  ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
+                  ms(r["first_chunk_latency_s"]))
+    console.print(t)
+    if "long_stream" in report:
+        ls = report["long_stream"]
+        console.print(f"long stream ({ls['size']}, {ls['solver']} NFE {ls['nfe']}, {ls['chunks']} chunks): chunk 10-19 {1000 * ls['early_s']:.1f} "
+                      f"ms, last 10 {1000 * ls['late_s']:.1f} ms (x{ls['late_over_early']:.2f}); memory "
+                      f"{ls['memory_mb_early']:.0f} MB -> {ls['memory_mb_late']:.0f} MB")
+    if report["training"]:
+        t = Table(title="training")
+        for col in ("model", "batch x crop", "dtype", "s/step", "tokens/s", "peak MB"):
+            t.add_column(col, justify="right")
+        for r in report["training"]:
+            t.add_row(r["size"], f"{r['batch']} x {r['crop_tokens']}", r["dtype"], f"{r['step_s']:.2f}",
+                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:.0f}")
+        console.print(t)
+    if "realtime" in report:
+        console.print(f"realtime engine: {json.dumps(report['realtime'])}")
+    if json_path:
+        write_text_atomic(json.dumps(report, indent=1), json_path)
+        console.print(f"wrote {json_path}")

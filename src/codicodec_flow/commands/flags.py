@@ -1,0 +1,79 @@
+"""Flags shared by several commands, each declared once and built from the config's defaults."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..codec import CODEC_NAMES
+from ..config import SampleConfig
+from ..errors import FlowError
+from ..solvers import SCHEDULES, SOLVERS, get_solver, steps_for
+from ..util.devices import DEVICE_CHOICES
+
+log = logging.getLogger(__name__)
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, choices=DEVICE_CHOICES,
+                   help=f"compute device (auto: cuda, else mps, else cpu; default {default})")
+
+
+def add_codec(p: argparse.ArgumentParser, default: str = "codicodec") -> None:
+    """--codec and its weight flags, for commands that choose a codec."""
+    p.add_argument("--codec", default=default, choices=CODEC_NAMES,
+                   help="codicodec: the real CoDiCodec (needs its weights); spectral: built-in offline stand-in "
+                        f"(default {default})")
+    add_codec_weights(p)
+
+
+def add_codec_weights(p: argparse.ArgumentParser) -> None:
+    """--codec-ckpt and --trust-codec-ckpt, for every command that may load CoDiCodec."""
+    p.add_argument("--codec-ckpt", default=None, metavar="PATH",
+                   help="CoDiCodec weights file (else $CODICODEC_CKPT, else the package's first-use download)")
+    p.add_argument("--trust-codec-ckpt", action="store_true",
+                   help="allow full unpickling of --codec-ckpt (only for a file you trust, e.g. the official one)")
+
+
+def add_sampling(p: argparse.ArgumentParser, d: SampleConfig, title: str = "sampling") -> None:
+    """Solver, NFE or steps, schedule, temperature, guidance, context noise and seed, defaulting to `d`."""
+    g = p.add_argument_group(title)
+    g.add_argument("--solver", default=d.solver, choices=sorted(SOLVERS), help=f"ODE solver (default {d.solver})")
+    g.add_argument("--nfe", type=int, default=None,
+                   help=f"model evaluations per chunk, rounded to whole solver steps (default {d.nfe})")
+    g.add_argument("--n-steps", type=int, default=None,
+                   help="ODE steps per chunk instead of --nfe: NFE = steps x evaluations per step (euler, dpmpp, "
+                        "pingpong 1; heun, midpoint 2; rk4 4); both may be given if they agree")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"time grid (default {d.schedule})")
+    g.add_argument("--schedule-shift", type=float, default=d.schedule_shift,
+                   help=f"SD3-style shift for --schedule shifted; > 1 spends more steps near noise (default {d.schedule_shift:g})")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"scale of the starting noise, 0..4; < 1 conservative, > 1 more varied (default {d.temperature:g})")
+    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
+                   help=f"classifier-free guidance, 0..10; 1 = off, > 1 follows the context harder at twice the cost "
+                        f"(default {d.cfg_scale:g})")
+    g.add_argument("--context-noise", type=float, default=d.context_noise,
+                   help=f"noise level put on each generated chunk before it becomes context (default {d.context_noise:g})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same output on the same device (default {d.seed})")
+
+
+def sample_config(a: argparse.Namespace, d: SampleConfig, **extra) -> SampleConfig:
+    """The SampleConfig of add_sampling's flags (`d` for what was not given); --n-steps becomes the NFE it spends."""
+    nfe = d.nfe if a.nfe is None else a.nfe
+    if a.n_steps is not None:
+        k = get_solver(a.solver).evals_per_step
+        if a.n_steps < 1:
+            raise FlowError(f"--n-steps must be at least 1, got {a.n_steps}")
+        if a.nfe is not None and a.nfe != a.n_steps * k:
+            raise FlowError(f"--nfe {a.nfe} and --n-steps {a.n_steps} contradict each other for {a.solver} "
+                            f"({k} evaluation{'s' if k > 1 else ''} per step)")
+        nfe = a.n_steps * k
+    try:
+        cfg = SampleConfig(solver=a.solver, nfe=nfe, schedule=a.schedule, schedule_shift=a.schedule_shift,
+                           temperature=a.temperature, cfg_scale=a.cfg_scale, context_noise=a.context_noise,
+                           seed=a.seed, **extra)
+    except ValueError as exc:
+        raise FlowError(str(exc)) from None
+    spent = steps_for(cfg.solver, cfg.nfe) * get_solver(cfg.solver).evals_per_step
+    if spent != cfg.nfe:
+        log.warning(f"{cfg.solver} spends NFE in whole steps: --nfe {cfg.nfe} runs {spent} evaluations per chunk")
+    return cfg

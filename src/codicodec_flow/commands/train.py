@@ -1,0 +1,74 @@
+"""`codicodec-flow train`: train the flow model on latent shards (fresh, or resumed from last.pt)."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import MODEL_PRESETS, FlowConfig, ModelConfig, TrainConfig
+from ..train import plan_run, run_train
+from ..util.progress import interactive
+from .flags import add_device
+
+_TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
+    ("--batch-size", "batch_size", int, "crops per step per process"),
+    ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimiser step"),
+    ("--crop-tokens", "crop_tokens", int, "tokens per crop, a multiple of 8"),
+    ("--max-steps", "max_steps", int, "optimiser steps to train"),
+    ("--dtype", "dtype", str, "auto | bf16 | fp32 (auto: bf16 on CUDA/MPS, fp32 on CPU)"),
+    ("--lr", "lr", float, "peak learning rate (linear warm-up, then cosine)"),
+    ("--warmup-steps", "warmup_steps", int, "learning-rate warm-up steps"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay on weight matrices"),
+    ("--grad-clip", "grad_clip", float, "gradient-norm clip"),
+    ("--ema-decay", "ema_decay", float, "EMA decay of the weights in ema.pt"),
+    ("--save-every", "save_every", int, "steps between checkpoints"),
+    ("--val-every", "val_every", int, "steps between validation passes (0 disables)"),
+    ("--val-fraction", "val_fraction", float, "share of files held out for validation"),
+    ("--audio-sample-every", "audio_sample_every", int, "steps between audio samples (0 disables)"),
+    ("--log-every", "log_every", int, "steps between log lines"),
+    ("--seed", "seed", int, "seed for weights, crops and noise"),
+]
+_MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_layers", int, "transformer blocks"),
+                ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),
+                ("--context-chunks", "context_chunks", int, "sliding window W: past chunks each chunk sees")]
+_FLOW_FLAGS = [("--t-dist", "t_dist", str, "logit_normal | uniform: training time distribution"),
+               ("--p-uncond", "p_uncond", float, "probability a chunk trains without context (for CFG)"),
+               ("--context-noise-max", "context_noise_max", float, "largest noise level put on context chunks")]
+
+
+def _add_flags(p, table, defaults) -> None:
+    """Flags default to None, so a resumed run can tell what was given from the run's saved settings."""
+    for flag, field, typ, text in table:
+        p.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {getattr(defaults, field)})")
+
+
+def _given(a: argparse.Namespace, table) -> dict:
+    return {field: getattr(a, field) for _, field, _, _ in table if getattr(a, field) is not None}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the flow model on latent shards",
+                       description="Train FlowDiT on the latent shards of --data-dir; checkpoints go to --out-dir.")
+    p.add_argument("--data-dir", required=True, help="latent folder written by preprocess")
+    p.add_argument("--out-dir", required=True, help="run folder: last.pt, ema.pt, metrics.jsonl, samples/")
+    add_device(p)
+    p.add_argument("--preset", default="default", choices=sorted(MODEL_PRESETS),
+                   help="model size: default (~101 M), small (~21 M), tiny (tests)")
+    _add_flags(p, _TRAIN_FLAGS, TrainConfig("", ""))
+    _add_flags(p, _MODEL_FLAGS, ModelConfig())
+    _add_flags(p, _FLOW_FLAGS, FlowConfig())
+    p.add_argument("--audio-continuation", action="store_true", default=None,
+                   help="audio samples continue a validation prompt (default: unconditional)")
+    p.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live dashboard")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    given = {"data_dir": a.data_dir, "out_dir": a.out_dir, "device": a.device, **_given(a, _TRAIN_FLAGS),
+             "tui": interactive() and not a.no_tui}
+    if a.audio_continuation:
+        given["audio_continuation"] = True
+    run = plan_run(given, _given(a, _MODEL_FLAGS), _given(a, _FLOW_FLAGS), a.preset, a.resume)
+    metrics = run_train(run)
+    print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
+          f"checkpoints in {a.out_dir}/ (ema.pt for sampling, last.pt to resume)")
+    return 0
