@@ -1,7 +1,7 @@
 import torch
 
-from codicodec_flow.evaluation.metrics import (drift_report, frechet_distance, frechet_report, memorisation,
-                                    prompt_relatedness)
+from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, frechet_distance, frechet_report,
+                                               memorisation, prompt_relatedness, spread_ratio)
 
 
 def gauss(n, d=8, mu=0.0, scale=1.0, seed=0):
@@ -55,7 +55,7 @@ def test_drift_verdicts():
     assert drift_report(stationary, ref)["verdict"] == "stable"
     d = drift_report(drifting, ref)
     assert d["drift"] and "means moved" in d["verdict"] and len(d["segments"]) == 20
-    assert drift_report(exploding, ref)["drift"]
+    assert "too wide" in drift_report(exploding, ref)["verdict"]
     nan = stationary.clone()
     nan[500] = float("nan")
     assert "NaN" in drift_report(nan, ref)["verdict"]
@@ -67,3 +67,28 @@ def test_drift_reports_what_real_segments_score():
     # segments of the same distribution score like the reference's own segments
     assert d["real_segment_fd"] is not None and abs(d["segments"][0]["fd"] - d["real_segment_fd"]) < 0.5 * d["real_segment_fd"]
     assert drift_report(torch.randn(200, 8, 64), ref[:20], segment=50)["real_segment_fd"] is None
+
+
+def test_spread_ratio_known_answers():
+    real = torch.randn(500, 8, 64)
+    assert abs(spread_ratio(torch.randn(500, 8, 64), real) - 1.0) < 0.03
+    assert abs(spread_ratio(0.5 * torch.randn(500, 8, 64) + 3.0, real) - 0.5) < 0.02  # a shift does not count
+    per_channel = torch.randn(500, 8, 64) * torch.linspace(0.5, 1.5, 64)  # channel c has std 0.5 + c / 63
+    assert abs(spread_ratio(per_channel, real) - 1.0) < 0.03  # the mean over channels
+    assert SpreadBand.verdict(0.58, SpreadBand().continuation) == "washed out"
+    assert SpreadBand.verdict(1.0, SpreadBand().continuation) == "faithful"
+    assert SpreadBand.verdict(1.3, SpreadBand().segment) == "too wide"
+
+
+def test_drift_flags_a_washed_out_rollout_and_not_a_faithful_one():
+    """Real segments vary less than the whole collection: spread is judged against them, not the whole."""
+    g = torch.Generator().manual_seed(0)
+    # a collection of 'pieces': each 50-chunk stretch has its own mean, so a stretch is narrower than the whole
+    ref = torch.randn(800, 8, 64, generator=g) + torch.randn(16, 1, 1, 64, generator=g).repeat_interleave(50, 0).flatten(0, 1)[:800]
+    faithful = torch.randn(1000, 8, 64, generator=g) + torch.randn(20, 1, 1, 64, generator=g).repeat_interleave(50, 0).flatten(0, 1)
+    d = drift_report(faithful, ref)
+    assert d["verdict"] == "stable" and 0.85 <= d["spread_min"] <= d["spread_max"] <= 1.15
+    assert d["real_segment_std_ratio"] < 0.9  # a real stretch is narrower than the whole collection
+    washed = 0.5 * faithful  # averaged, under-dynamic: 0.5x the real spread in every segment
+    w = drift_report(washed, ref)
+    assert w["drift"] and "washed out" in w["verdict"] and w["spread_max"] < 0.6

@@ -24,7 +24,7 @@ from ..latents import normalise
 from ..util.devices import autocast, autocast_dtype, resolve_device
 from ..util.fsutil import write_text_atomic
 from ..util.progress import Reporter
-from .metrics import drift_report, frechet_report, memorisation, prompt_relatedness
+from .metrics import SpreadBand, drift_report, frechet_report, memorisation, prompt_relatedness, spread_ratio
 from .plots import curves_png, latent_heatmap_png, spectrogram_png, training_curves_png
 
 
@@ -130,6 +130,10 @@ def _continuations(ev: _Run, report: dict) -> None:
                               "of the 8 tokens; normalised latents; generated vs the real next chunks",
         "relatedness": prompt_relatedness(norm(cont), norm(prompts)),
         "relatedness_real": prompt_relatedness(norm(real), norm(prompts)),
+        "spread": (spread := spread_ratio(norm(cont), norm(real))),
+        "spread_verdict": SpreadBand.verdict(spread, SpreadBand().continuation),
+        "spread_definition": "mean over the 64 channels of std(generated) / std(real continuations), every token "
+                             f"a sample; faithful within {SpreadBand().continuation}",
     }
     if cfg.train_dir:
         bank = torch.cat([f.latents for f in load_latents(cfg.train_dir, val_fraction=0.0).train])
@@ -164,14 +168,16 @@ def _rollout(gen: StreamGenerator, files: list[LatentFile], cfg: EvalConfig, pla
 
 def _drift_png(rollout: dict, cfg: EvalConfig, out: Path) -> Path:
     """The rollout's per-segment Fréchet distance (with real held-out segments for scale), mean shift and spread."""
-    segs, seg = rollout["segments"], rollout["segment_chunks"]
+    segs, seg, (lo, hi) = rollout["segments"], rollout["segment_chunks"], SpreadBand().segment
     xs = [(s["start"] + seg / 2) * CHUNK_SECONDS / 60 for s in segs]
     fd_series = {"rollout segment vs held-out data": (xs, [s["fd"] for s in segs])}
     if rollout["real_segment_fd"] is not None:
         fd_series["real segments (median)"] = (xs, [rollout["real_segment_fd"]] * len(xs))
     return curves_png([("Fréchet distance", fd_series),
                        ("mean shift (data std)", {"segment": (xs, [s["mean_shift"] for s in segs])}),
-                       ("std / data std", {"segment": (xs, [s["std_ratio"] for s in segs])})],
+                       ("spread: generated / real", {"segment": (xs, [s["spread"] for s in segs]),
+                                                     f"faithful from {lo}": (xs, [lo] * len(xs)),
+                                                     f"faithful to {hi}": (xs, [hi] * len(xs))})],
                       out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {rollout['verdict']}",
                       xlabel="minutes")
 
@@ -194,8 +200,10 @@ def summary(report: dict) -> list[str]:
     c = report.get("continuation", {})
     if "frechet" in c:
         f, r, rr = c["frechet"], c["relatedness"], c["relatedness_real"]
-        lines.append(f"continuations: FD token {f['fd_token']:.3f}, FD chunk {f['fd_chunk']:.3f}; prompt relatedness "
-                     f"ratio {r['ratio']:.2f} (real continuations {rr['ratio']:.2f}; below 1 = follows its prompt)")
+        lines.append(f"continuations: spread {c['spread']:.2f}x the real ones ({c['spread_verdict']}; faithful "
+                     f"{SpreadBand().continuation[0]}-{SpreadBand().continuation[1]}); FD token {f['fd_token']:.3f}, "
+                     f"FD chunk {f['fd_chunk']:.3f}; prompt relatedness ratio {r['ratio']:.2f} (real continuations "
+                     f"{rr['ratio']:.2f}; below 1 = follows its prompt)")
     elif c:
         lines.append(f"continuations: {c['skipped']}")
     m = report.get("memorisation", {})
@@ -208,7 +216,8 @@ def summary(report: dict) -> list[str]:
     if "rollout" in report:
         ro = report["rollout"]
         base = ro.get("real_segment_fd")
-        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; segment FD "
+        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; spread "
+                     f"{ro['spread_min']:.2f}-{ro['spread_max']:.2f}x real music's; segment FD "
                      f"{ro['segments'][0]['fd']:.1f} -> {ro['segments'][-1]['fd']:.1f}"
                      + (f" (real held-out segments: {base:.1f})" if base is not None else "") if ro["segments"] else
                      f"rollout of {ro['chunks']} chunks: {ro['verdict']}")
