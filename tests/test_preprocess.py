@@ -224,3 +224,69 @@ def test_smoke_test_command(capsys):
     assert main(["smoke-test", "--device", "cpu", "--codec", "spectral"]) == 0
     out = capsys.readouterr().out
     assert "codec round trip" in out and "FAIL" not in out
+
+
+def test_links_loops_long_names_and_nan_audio_never_stop_the_run(tmp_path):
+    """Broken links, link loops, a folder link back up, a second path to one file, a 244-character name and a
+    file of NaN samples: each is encoded once or reported as skipped, and the files after them still encode."""
+    import numpy as np
+    import soundfile as sf
+    d = tmp_path / "audio"
+    write_audio(d / "good.wav", 1.5)
+    write_audio(d / "sub" / "deep.wav", 1.5, seed=1)
+    long_name = "L" * 240 + ".wav"
+    write_audio(d / long_name, 1.5, seed=2)
+    wave = np.full((48_000, 2), 0.1, np.float32)
+    wave[30_000] = np.nan
+    sf.write(str(d / "nan.wav"), wave, 48_000, subtype="FLOAT")
+    write_audio(d / "zz_after.wav", 1.5, seed=3)  # sorted after the bad files
+    (d / "dangling.wav").symlink_to("missing.wav")
+    (d / "loop_a.wav").symlink_to("loop_b.wav")
+    (d / "loop_b.wav").symlink_to("loop_a.wav")
+    (d / "alias.wav").symlink_to("good.wav")  # the same audio under a second name
+    (d / "sub" / "up").symlink_to("..")  # a folder loop: sub/up/sub/up/...
+    (d / "a_link").symlink_to("sub")  # sorted before sub/, but the real path wins
+    out = tmp_path / "lat"
+    report = run_preprocess(cfg(d, out), plain=True)
+    assert sorted(report.encoded) == sorted([long_name, "good.wav", "sub/deep.wav", "zz_after.wav"])
+    failed = dict(report.failed)
+    assert set(failed) == {"dangling.wav", "loop_a.wav", "loop_b.wav", "nan.wav", "alias.wav"}  # a_link/: seen as sub/
+    assert "missing.wav, which does not exist" in failed["dangling.wav"]
+    assert "loop of symbolic links" in failed["loop_a.wav"]
+    assert "NaN or infinite samples" in failed["nan.wav"]
+    assert "same file as good.wav" in failed["alias.wav"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(e["source"] for e in manifest["shards"]) == sorted(report.encoded)  # each audio once
+    assert not [p for p in out.rglob("*") if {"up", "a_link"} & set(p.relative_to(out).parts)]
+
+
+def test_codec_failure_on_one_file_skips_only_that_file(messy, tmp_path, monkeypatch):
+    import codicodec_flow.data.preprocess as pp
+    from codicodec_flow.codec import load_codec
+    from codicodec_flow.errors import CodecError
+    real = load_codec("spectral")
+
+    class Picky:
+        name, version = real.name, real.version
+
+        def encode(self, wave):
+            if wave.shape[1] > 200_000:  # long.wav, and only it
+                raise CodecError("spectral codec: the waveform contains NaN or infinite samples")
+            return real.encode(wave)
+
+    monkeypatch.setattr(pp, "load_codec", lambda *a, **k: Picky())
+    report = run_preprocess(replace(cfg(messy, tmp_path / "lat"), max_seconds=300), plain=True)
+    assert "long.wav" in dict(report.failed) and "a_stereo48k.wav" in report.encoded and len(report.encoded) == 5
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(messy, tmp_path):
+    """kill -9 during a write leaves `.NAME.XXXXXXXX.tmp` beside the shard; the next run removes it (and only it)."""
+    out = tmp_path / "lat"
+    run_preprocess(cfg(messy, out), plain=True)
+    left = out / "sub" / ".b_mono44k.flac.0000.pt.0123abcd.tmp"
+    left.write_bytes(b"half a shard")
+    os.utime(left, (1, 1))  # written long ago by a process that no longer runs
+    mine = out / ".keep.tmp"
+    mine.write_text("not ours")
+    run_preprocess(cfg(messy, out), plain=True)
+    assert not left.exists() and mine.exists()

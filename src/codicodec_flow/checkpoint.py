@@ -36,7 +36,8 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (train writes ema.pt and last.pt in its --out-dir)")
-    obj = load_tensors(path, CheckpointError, "checkpoint: unreadable or truncated")
+    obj = load_tensors(path, CheckpointError, "codicodec-flow checkpoint",
+                       "; give the ema.pt or last.pt that `train` wrote")
     if not isinstance(obj, dict) or "format" not in obj or "config" not in obj:
         raise CheckpointError(f"{path}: not a codicodec-flow checkpoint")
     if obj["format"] != FORMAT_VERSION:

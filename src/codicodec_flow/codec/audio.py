@@ -69,8 +69,14 @@ def iter_audio_blocks(path: str | Path) -> Iterator[np.ndarray]:
         resampler = soxr.ResampleStream(info.sample_rate, SAMPLE_RATE, CHANNELS, dtype="float32", quality="HQ")
     try:
         with sf.SoundFile(str(path)) as fh:
+            read = 0
             while True:
                 block = fh.read(_READ_BLOCK, dtype="float32", always_2d=True)
+                if not np.isfinite(block).all():  # float files can hold them; no codec or resampler can
+                    at = (read + int(np.argmin(np.isfinite(block).all(axis=1)))) / info.sample_rate
+                    raise AudioError(f"{path}: the audio holds NaN or infinite samples (first at {at:.2f} s); "
+                                     f"re-export it as ordinary audio")
+                read += len(block)
                 last = len(block) < _READ_BLOCK
                 stereo = np.ascontiguousarray(to_stereo(block))
                 if resampler is not None:
@@ -103,7 +109,11 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> torch.Tens
 def write_wav(path: str | Path, wave: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write a (C, N) waveform as 24-bit WAV through a temporary file; returns the path."""
     path = Path(path)
-    data = wave.detach().float().cpu().clamp(-1.0, 1.0).numpy().T
+    data = wave.detach().float().cpu()
+    if not torch.isfinite(data).all():
+        raise AudioError(f"{path}: not written: the audio holds NaN or infinite samples (the model or codec made "
+                         f"them; check the sampling settings, or whether the checkpoint's training diverged)")
+    data = data.clamp(-1.0, 1.0).numpy().T
     with atomic_path(path) as tmp:
         sf.write(str(tmp), data, sample_rate, subtype="PCM_24", format="WAV")
     return path

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CodecError
+from ..util.fsutil import load_error_reason
 from .base import CHANNELS, CHUNK_SAMPLES, LATENT_DIM, TOKENS_PER_CHUNK
 
 
@@ -208,8 +209,7 @@ def _load_state_dict(path: Path, trusted: bool) -> dict:
     except CodecError:
         raise
     except Exception as e:  # truncated zip, unreadable file, failing unpickle of a trusted file
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CodecError(f"could not read CoDiCodec weights from {path} ({reason}). {HOW_TO}") from None
+        raise CodecError(f"could not read CoDiCodec weights from {path} ({load_error_reason(e)}). {HOW_TO}") from None
     if not isinstance(ckpt, dict) or "gen_state_dict" not in ckpt:
         raise CodecError(f"{path} is not a CoDiCodec checkpoint: it has no 'gen_state_dict'. {HOW_TO}")
     return ckpt["gen_state_dict"]

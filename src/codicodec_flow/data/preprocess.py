@@ -5,6 +5,8 @@ length is skipped. Bad files are reported and skipped; they never stop the run.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -17,10 +19,13 @@ import torch
 from ..codec import CHUNK_SAMPLES, SAMPLE_RATE, Codec, load_codec
 from ..codec.audio import AUDIO_SUFFIXES, audio_info, iter_audio_blocks
 from ..config import PreprocessConfig
-from ..errors import AudioError, FlowError
+from ..errors import AudioError, CodecError, FlowError
 from ..util.devices import resolve_device
+from ..util.fsutil import name_max, remove_stale_temporaries
 from ..util.progress import Reporter
 from .shards import SHARD_SUFFIX, build_manifest, load_shard, read_meta, save_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,15 +43,66 @@ class PreprocessReport:
         return bool(self.encoded or self.up_to_date)
 
 
+@dataclass
+class AudioScan:
+    files: list[Path]  # every real audio file once, relative to the folder, sorted
+    aliases: list[tuple[Path, Path]]  # (another path to one of those files, the path kept for it)
+
+
+def scan_audio(in_dir: Path) -> AudioScan:
+    """Audio files below in_dir (by suffix, case-insensitive), relative to it, in a stable order.
+
+    Links to folders are followed, but each real folder is visited once (a link back up would loop for ever)
+    and each real file is kept once, under a path without links where it has one (else the first in sorted
+    order), so no audio is encoded twice and none can land in both training and validation. Broken links and
+    link loops stay in the list, to be reported as skipped.
+    """
+    seen: set[tuple[int, int] | None] = set()
+    found: list[tuple[bool, Path, tuple[int, int] | None]] = []  # (reached through a link, path, identity)
+    linked: list[Path] = []
+
+    def walk(top: Path, through_link: bool) -> None:
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=through_link):
+            here = _identity(dirpath)
+            if here in seen:
+                dirnames[:] = []
+                continue
+            seen.add(here)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if not through_link:  # real folders first; folders behind links after all of them
+                linked.extend(Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            for name in filenames:
+                if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                    path = Path(dirpath) / name
+                    found.append((through_link or path.is_symlink(), path.relative_to(in_dir), _identity(path)))
+
+    walk(in_dir, False)
+    for link in sorted(linked):
+        walk(link, True)
+    kept: dict[tuple[int, int], Path] = {}
+    files, aliases = [], []
+    for _, rel, key in sorted(found, key=lambda f: (f[0], f[1].as_posix())):
+        if key is not None and key in kept:
+            aliases.append((rel, kept[key]))
+            continue
+        if key is not None:
+            kept[key] = rel
+        files.append(rel)
+    return AudioScan(sorted(files, key=lambda p: p.as_posix()), sorted(aliases, key=lambda a: a[0].as_posix()))
+
+
 def find_audio(in_dir: Path) -> list[Path]:
-    """Audio files below in_dir (by suffix, case-insensitive), relative to it, in a stable order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(in_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES:
-                found.append((Path(dirpath) / name).relative_to(in_dir))
-    return sorted(found, key=lambda p: p.as_posix())
+    """Each real audio file below in_dir once, relative to it, sorted (see scan_audio)."""
+    return scan_audio(in_dir).files
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of what path points to; None for a broken link or a link loop."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def shard_path(out_dir: Path, rel: Path, segment: int) -> Path:
@@ -67,12 +123,18 @@ def run_preprocess(cfg: PreprocessConfig, plain: bool | None = None) -> Preproce
         raise FlowError(f"--max-seconds must be positive, got {cfg.max_seconds}")
     if not (cfg.num_shards >= 1 and 0 <= cfg.shard_index < cfg.num_shards):
         raise FlowError(f"--shard-index {cfg.shard_index} must lie in [0, --num-shards {cfg.num_shards})")
-    files = find_audio(in_dir)
-    if not files:
+    scan = scan_audio(in_dir)
+    if not scan.files:
         raise FlowError(f"--in-dir {in_dir}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})")
-    mine = files[cfg.shard_index::cfg.num_shards]
+    mine = scan.files[cfg.shard_index::cfg.num_shards]
     codec = load_codec(cfg.codec, resolve_device(cfg.device), cfg.codec_ckpt, cfg.trust_codec_ckpt)
     report = PreprocessReport()
+    if cfg.shard_index == 0:  # one process reports them
+        report.failed += [(rel.as_posix(), f"the same file as {kept.as_posix()} (a link); encoded once")
+                          for rel, kept in scan.aliases]
+    stale = remove_stale_temporaries(out_dir, recursive=True)
+    if stale:
+        log.info(f"removed {len(stale)} temporary file(s) left in {out_dir} by an interrupted run")
     with Reporter(len(mine), f"encoding ({cfg.codec})", plain=plain) as bar:
         for rel in mine:
             note = _process_file(codec, cfg, in_dir, out_dir, rel, report)
@@ -91,7 +153,11 @@ def finalize(out_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
 def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Path, rel: Path,
                   report: PreprocessReport) -> str:
     src = in_dir / rel
-    stat = src.stat()
+    try:
+        stat = src.stat()
+    except OSError as exc:  # a broken link, a link loop, a file removed since the scan
+        report.failed.append((rel.as_posix(), _unreadable(src, exc)))
+        return f"skipped ({report.failed[-1][1]})"
     fingerprint = {"source": rel.as_posix(), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
                    "codec": codec.name, "codec_version": codec.version, "max_seconds": float(cfg.max_seconds)}
     if not cfg.overwrite and _up_to_date(out_dir, rel, fingerprint):
@@ -99,7 +165,7 @@ def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Pa
         return "up to date"
     try:
         written, seconds = _encode_file(codec, cfg, src, out_dir, rel, fingerprint)
-    except AudioError as exc:
+    except (AudioError, CodecError) as exc:  # this file only: the next one may be fine
         report.failed.append((rel.as_posix(), str(exc).removeprefix(f"{src}: ")))
         return f"skipped ({report.failed[-1][1]})"
     except (RuntimeError, ValueError, MemoryError) as exc:  # codec failure on this file only
@@ -109,6 +175,14 @@ def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Pa
     report.shards_written += written
     report.seconds_encoded += seconds
     return f"{written} shard(s), {seconds:.1f} s"
+
+
+def _unreadable(src: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a loop of symbolic links"
+    if src.is_symlink() and isinstance(exc, FileNotFoundError):
+        return f"a symbolic link to {os.readlink(src)}, which does not exist"
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
 
 
 def _up_to_date(out_dir: Path, rel: Path, fingerprint: dict) -> bool:
@@ -121,6 +195,10 @@ def _up_to_date(out_dir: Path, rel: Path, fingerprint: dict) -> bool:
 
 def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, rel: Path,
                  fingerprint: dict) -> tuple[int, float]:
+    limit = name_max(out_dir)
+    if len(os.fsencode(shard_path(out_dir, rel, 0).name)) > limit:
+        raise AudioError(f"{src}: the file name is too long for its shard's name (the name plus "
+                         f"'.0000{SHARD_SUFFIX}' must fit {limit} bytes); rename the file")
     info = audio_info(src)
     if info.frames <= 0:
         raise AudioError(f"{src}: empty file (no audio samples)")
@@ -142,6 +220,8 @@ def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, 
         if chunks == 0:
             return
         latents = codec.encode(torch.from_numpy(np.ascontiguousarray(wave)))[:chunks]  # (chunks, 8, 64)
+        if not torch.isfinite(latents).all():
+            raise CodecError(f"{src}: the codec produced NaN or infinite latents for this file")
         meta = {**fingerprint, "segment": segment, "n_segments": n_segments,
                 "start_s": segment * seg_samples / SAMPLE_RATE, "duration_s": chunks * CHUNK_SAMPLES / SAMPLE_RATE,
                 "chunks": chunks, "sample_rate": SAMPLE_RATE, "source_sample_rate": info.sample_rate,

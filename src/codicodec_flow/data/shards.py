@@ -39,7 +39,7 @@ def save_shard(path: str | Path, latents: torch.Tensor, meta: dict) -> None:
 
 def load_shard(path: str | Path) -> Shard:
     """Read and validate one shard; raises DataError naming the file on any problem."""
-    obj = load_tensors(path, DataError, "latent shard", "; re-run `preprocess` (with --overwrite if needed)")
+    obj = load_tensors(path, DataError, "codicodec-flow latent shard", "; re-run `preprocess` (with --overwrite if needed)")
     if not isinstance(obj, dict) or "latents" not in obj or "meta" not in obj:
         raise DataError(f"{path}: not a codicodec-flow shard (expected keys 'latents' and 'meta')")
     check_latents(obj["latents"], path)
