@@ -80,3 +80,25 @@ def test_latent_folder_errors(tmp_path):
     (root / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="malformed manifest"):
         load_latents(root)
+
+
+@pytest.mark.parametrize("bad", ["../other/x.wav.0000.pt", "/abs", "sub/../../other/x.wav.0000.pt",
+                                 "link/x.wav.0000.pt", None])
+def test_manifest_entries_must_stay_inside_the_latent_folder(tmp_path, bad):
+    """A manifest that names `../x.pt`, an absolute path or a link out of the folder is refused, naming the entry;
+    nothing outside --data-dir is read or trained on."""
+    import json
+    outside = write_latent_dir(tmp_path / "other", {"x.wav": ar_latents(4, seed=9)})
+    root = write_latent_dir(tmp_path / "lat", {"a.wav": ar_latents(4)})
+    (root / "link").symlink_to(outside)
+    entry = {"path": bad if bad != "/abs" else str(outside / "x.wav.0000.pt"), "chunks": 4}  # each a real shard
+    if bad is None:
+        del entry["path"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"].append(entry)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="has no 'path'" if bad is None else "points outside") as exc:
+        load_latents(root)
+    assert "manifest.json" in str(exc.value) and "--finalize" in str(exc.value)
+    if bad is not None:
+        assert repr(entry["path"]) in str(exc.value)

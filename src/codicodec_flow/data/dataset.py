@@ -17,7 +17,7 @@ import torch
 from ..codec.base import CHUNK_SECONDS
 from ..errors import DataError
 from ..latents import LatentStats, normalise
-from .shards import load_shard, read_manifest
+from .shards import load_shard, manifest_shard, read_manifest
 
 
 @dataclass
@@ -56,11 +56,11 @@ def load_latents(data_dir: str | Path, val_fraction: float = 0.1) -> LatentData:
         raise DataError(f"{root}/manifest.json lists no shards; run preprocess on a folder with audio")
     groups: dict[str, list] = defaultdict(list)
     for entry in manifest["shards"]:
-        path = root / entry["path"]
+        path = manifest_shard(root, entry)
         if not path.exists():
             raise DataError(f"{path}: listed in manifest.json but missing; rebuild with `preprocess --finalize`")
         shard = load_shard(path)
-        groups[shard.meta.get("source", entry["path"])].append((int(shard.meta.get("segment", 0)), shard.latents))
+        groups[shard.meta.get("source", path.relative_to(root).as_posix())].append((int(shard.meta.get("segment", 0)), shard.latents))
     files = [LatentFile(src, torch.cat([z for _, z in sorted(parts, key=lambda p: p[0])]))
              for src, parts in sorted(groups.items())]
     train, val, note = split_files(files, val_fraction)

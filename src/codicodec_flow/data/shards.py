@@ -109,6 +109,21 @@ def build_manifest(root: str | Path, extra: dict | None = None) -> dict:
     return manifest
 
 
+def manifest_shard(root: str | Path, entry) -> Path:
+    """The shard file a manifest entry names; DataError unless it is a relative path that stays inside root
+    (a manifest must never make training read files elsewhere, through `..`, an absolute path or a link)."""
+    root = Path(root)
+    rel = entry.get("path") if isinstance(entry, dict) else None
+    fix = f"rebuild the manifest with `codicodec-flow preprocess --finalize --out-dir {root}`"
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{root / MANIFEST}: the shard entry {str(entry)[:80]} has no 'path'; {fix}")
+    path = root / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{root / MANIFEST}: the shard entry {rel!r} points outside {root}; entries must be paths "
+                        f"inside the latent folder: {fix}")
+    return path
+
+
 def read_manifest(root: str | Path) -> dict:
     """Load manifest.json of a latent folder; raises DataError with what to do if it is absent or broken."""
     path = Path(root) / MANIFEST
@@ -119,7 +134,8 @@ def read_manifest(root: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
         LatentStats.from_json(manifest["stats"])
-        manifest["shards"]
+        if not isinstance(manifest["shards"], list):
+            raise ValueError("'shards' is not a list")
     except Exception as exc:
         raise DataError(f"{path}: malformed manifest ({exc}); rebuild it with `preprocess --finalize`") from None
     if not all(math.isfinite(v) for v in manifest["stats"]["std"]):
