@@ -86,3 +86,77 @@ def test_demo_runs_end_to_end(tmp_path):
     assert paths["spectrogram"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sf.info(str(paths["continuation"])).frames == 3 * CHUNK
     assert sf.info(str(paths["prompt"])).frames == 2 * CHUNK
+
+
+def _code(fn, *args) -> int:
+    try:
+        return fn(*args)
+    except SystemExit as exc:  # argparse refuses a flag's value with status 2
+        return exc.code
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the checkpoint (the start of any work) fails the test: refusals must come before it."""
+    import codicodec_flow.commands.sample as sample_cmd
+
+    def forbidden(*a, **k):
+        raise AssertionError("work started before the flags were checked")
+
+    monkeypatch.setattr(sample_cmd, "load_bundle", forbidden)
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--duration-s", "nan", "finite number"), ("--duration-s", "inf", "finite number"),
+    ("--duration-s", "1e9", "at most 14400"), ("--duration-s", "-1", "more than 0"),
+    ("--temperature", "nan", "finite number"), ("--cfg-scale", "inf", "finite number"),
+    ("--context-noise", "nan", "finite number"), ("--schedule-shift", "-inf", "finite number"),
+])
+def test_non_finite_and_absurd_numbers_are_refused_up_front(ckpt, tmp_path, capsys, no_work, flag, value, said):
+    assert _code(sample, ckpt, tmp_path / "o.wav", f"{flag}={value}") == 2
+    err = capsys.readouterr().err
+    assert said in err and flag in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [
+    ["realtime", "--sink", "null", "--max-chunks", "1", "--temperature", "nan"],
+    ["eval", "--data-dir", "x", "--cfg-scale", "inf"],
+    ["train", "--data-dir", "x", "--out-dir", "y", "--lr", "nan"],
+    ["preprocess", "--in-dir", "x", "--out-dir", "y", "--max-seconds", "inf"],
+])
+def test_every_command_refuses_non_finite_floats(ckpt, capsys, command):
+    extra = ["--ckpt", str(ckpt)] if command[0] in ("realtime", "eval") else []
+    assert _code(main, [*command, *extra]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+
+
+def test_library_refuses_non_finite_settings_and_never_writes_non_finite_audio(ckpt, tmp_path, monkeypatch):
+    from codicodec_flow.commands.sample import run_sample
+    from codicodec_flow.config import SampleConfig
+    from codicodec_flow.errors import FlowError
+    from codicodec_flow.generate import StreamGenerator
+    with pytest.raises(FlowError, match="--temperature nan"):
+        run_sample(str(ckpt), str(tmp_path / "a.wav"), SampleConfig(temperature=float("nan")), device="cpu")
+    monkeypatch.setattr(StreamGenerator, "generate", lambda self, n, progress=None: torch.full((1, n, 8, 64), float("nan")))
+    with pytest.raises(FlowError, match="generation produced NaN or infinite latents"):
+        run_sample(str(ckpt), str(tmp_path / "b.wav"), SampleConfig(), duration_s=1.0, device="cpu")
+    assert list(tmp_path.iterdir()) == []  # no garbage WAV, no latents
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda d: (d / "song.wav").mkdir() or d / "song.wav", "is a folder"),
+    (lambda d: d / ("n" * 252 + ".wav"), "file name is 256 bytes long"),
+    (lambda d: d / ("n" * 246 + ".wav"), "latents.pt: the file name is 257 bytes long"),  # the WAV fits, its latents not
+    (lambda d: (d / "file").write_text("") or d / "file" / "o.wav", "cannot write there"),
+])
+def test_output_path_is_checked_before_generating(ckpt, tmp_path, capsys, no_work, make, said):
+    assert sample(ckpt, make(tmp_path), "--duration-s", 1.0) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_sample_says_which_step_it_loaded(ckpt, tmp_path, capsys):
+    assert sample(ckpt, tmp_path / "o.wav", "--duration-s", 0.5) == 0
+    assert f"loaded {ckpt} (step 7)" in capsys.readouterr().err
+    assert load_shard(tmp_path / "o.latents.pt").meta["ckpt_step"] == 7

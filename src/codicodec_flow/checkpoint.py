@@ -10,6 +10,7 @@ place that knows their layout:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .errors import CheckpointError
 from .latents import LatentStats
 from .model import FlowDiT
 from .util.fsutil import load_tensors, torch_save_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LAST, EMA = "last.pt", "ema.pt"  # the file names inside a run folder
@@ -131,8 +134,10 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
         raise CheckpointError(f"{path}: checkpoint does not match this version's model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     model.to(device).eval().requires_grad_(False)
+    step = int(obj.get("step", 0))
+    log.info(f"loaded {'the EMA weights of ' if obj.get('kind') == 'training' else ''}{path} (step {step})")
     return Bundle(model, model_cfg, flow_cfg, stats, obj["codec"]["name"], obj["codec"].get("version", "?"),
-                  int(obj.get("step", 0)), str(path))
+                  step, str(path))
 
 
 def config_mismatch(saved: dict, wanted: dict) -> list[str]:

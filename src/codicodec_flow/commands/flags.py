@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from ..codec import CODEC_NAMES
 from ..config import SampleConfig
@@ -11,6 +12,30 @@ from ..solvers import SCHEDULES, SOLVERS, get_solver, steps_for
 from ..util.devices import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a finite number (nan and inf are refused before any work starts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+SAMPLING_FLOATS = {"schedule_shift": "--schedule-shift", "temperature": "--temperature", "cfg_scale": "--cfg-scale",
+                   "context_noise": "--context-noise"}
+
+
+def check_finite(cfg: SampleConfig) -> SampleConfig:
+    """FlowError unless every number of cfg is finite (a NaN temperature would make a whole run of garbage)."""
+    bad = [f"{flag} {getattr(cfg, name)}" for name, flag in SAMPLING_FLOATS.items()
+           if not math.isfinite(getattr(cfg, name))]
+    if bad:
+        raise FlowError(f"{', '.join(bad)}: sampling settings must be finite numbers")
+    return cfg
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -44,14 +69,14 @@ def add_sampling(p: argparse.ArgumentParser, d: SampleConfig, title: str = "samp
                    help="ODE steps per chunk instead of --nfe: NFE = steps x evaluations per step (euler, dpmpp, "
                         "pingpong 1; heun, midpoint 2; rk4 4); both may be given if they agree")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"time grid (default {d.schedule})")
-    g.add_argument("--schedule-shift", type=float, default=d.schedule_shift,
+    g.add_argument("--schedule-shift", type=finite_float, default=d.schedule_shift,
                    help=f"SD3-style shift for --schedule shifted; > 1 spends more steps near noise (default {d.schedule_shift:g})")
-    g.add_argument("--temperature", type=float, default=d.temperature,
+    g.add_argument("--temperature", type=finite_float, default=d.temperature,
                    help=f"scale of the starting noise, 0..4; < 1 conservative, > 1 more varied (default {d.temperature:g})")
-    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
+    g.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale,
                    help=f"classifier-free guidance, 0..10; 1 = off, > 1 follows the context harder at twice the cost "
                         f"(default {d.cfg_scale:g})")
-    g.add_argument("--context-noise", type=float, default=d.context_noise,
+    g.add_argument("--context-noise", type=finite_float, default=d.context_noise,
                    help=f"noise level put on each generated chunk before it becomes context (default {d.context_noise:g})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same output on the same device (default {d.seed})")
 
@@ -73,6 +98,7 @@ def sample_config(a: argparse.Namespace, d: SampleConfig, **extra) -> SampleConf
                            seed=a.seed, **extra)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
+    check_finite(cfg)
     spent = steps_for(cfg.solver, cfg.nfe) * get_solver(cfg.solver).evals_per_step
     if spent != cfg.nfe:
         log.warning(f"{cfg.solver} spends NFE in whole steps: --nfe {cfg.nfe} runs {spent} evaluations per chunk")

@@ -7,7 +7,7 @@ import time
 
 from ..config import PreprocessConfig
 from ..data.preprocess import finalize, preprocess_main, summary_lines
-from .flags import add_codec, add_device
+from .flags import add_codec, add_device, finite_float
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--out-dir", required=True, help="folder for shards, manifest.json and statistics")
     add_codec(p, d.codec)
     add_device(p, d.device)
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+    p.add_argument("--max-seconds", type=finite_float, default=d.max_seconds,
                    help=f"split longer files into shards of this length (default {d.max_seconds:g})")
     p.add_argument("--overwrite", action="store_true", help="re-encode files whose shards are up to date")
     p.add_argument("--num-shards", type=int, default=d.num_shards,

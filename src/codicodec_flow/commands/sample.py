@@ -18,8 +18,9 @@ from ..data.shards import save_shard
 from ..errors import FlowError
 from ..generate import StreamGenerator
 from ..util.devices import autocast_dtype, resolve_device
+from ..util.fsutil import check_writable
 from ..util.progress import Reporter
-from .flags import add_codec_weights, add_device, add_sampling, sample_config
+from .flags import add_codec_weights, add_device, add_sampling, check_finite, finite_float, sample_config
 
 
 @dataclass
@@ -44,13 +45,26 @@ def output_paths(out: str | Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}_{i + 1}.wav") for i in range(n)]
 
 
+MAX_DURATION_S = 4 * 3600  # a 48 kHz stereo 24-bit WAV holds at most 4 GiB, about 4.1 h
+
+
+def latents_path(wav: Path) -> Path:
+    """Where the latents of a generated WAV go: OUT.latents.pt beside OUT.wav."""
+    return wav.with_suffix(".latents.pt")
+
+
 def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = None, duration_s: float = 20.0,
                device: str = "auto", codec_ckpt: str | None = None, trust_codec: bool = False,
                include_prompt: bool = False, decode: str = "parallel", plain: bool | None = None) -> SampleResult:
     """Generate `duration_s` of continuation for each of cfg.num_samples streams and write them."""
-    if duration_s <= 0:
-        raise FlowError(f"--duration-s must be positive, got {duration_s}")
+    if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
+        raise FlowError(f"--duration-s {duration_s:g}: give seconds, more than 0 and at most {MAX_DURATION_S} "
+                        f"(4 h: a WAV file holds at most 4 GiB); for endless audio use `codicodec-flow realtime`")
+    check_finite(cfg)
     paths = output_paths(out, cfg.num_samples)
+    for path in paths:  # before any work: a folder, a name too long or a read-only place would lose it all
+        check_writable(path)
+        check_writable(latents_path(path))
     dev = resolve_device(device)
     bundle = load_bundle(ckpt, dev)
     codec = bundle.open_codec(dev, codec_ckpt, trust_codec)
@@ -66,6 +80,10 @@ def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = 
             elapsed = time.perf_counter() - t0
             bar.advance(f"{(i + 1) * CHUNK_SECONDS / elapsed:.1f}x real time")
         latents = gen.generate(n, progress)  # (B, n, 8, 64)
+    if not torch.isfinite(latents).all():
+        raise FlowError(f"{ckpt}: generation produced NaN or infinite latents (temperature {cfg.temperature:g}, "
+                        f"cfg scale {cfg.cfg_scale:g}); nothing was written. Try the default sampling settings; if "
+                        f"they fail too, the checkpoint comes from a training run that diverged")
     result.compute_seconds = time.perf_counter() - t0
     result.chunks, result.seconds_generated = n, n * CHUNK_SECONDS
     for b, path in enumerate(paths):
@@ -76,8 +94,9 @@ def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = 
         if lead is not None and not include_prompt:
             wave = wave[:, lead.shape[0] * CHUNK_SAMPLES:]
         result.wavs.append(write_wav(path, wave))
-        lat_path = path.with_suffix(".latents.pt")
-        save_shard(lat_path, seq, {"source": str(prompt_wav or ""), "ckpt": str(ckpt), "codec": bundle.codec,
+        lat_path = latents_path(path)
+        save_shard(lat_path, seq, {"source": str(prompt_wav or ""), "ckpt": str(ckpt), "ckpt_step": bundle.step,
+                                   "codec": bundle.codec,
                                    "codec_version": bundle.codec_version, "prompt_chunks": 0 if lead is None else
                                    lead.shape[0], "sample": b, "seed": cfg.seed, "solver": cfg.solver,
                                    "nfe": gen.evals, "steps": gen.steps, "temperature": cfg.temperature, "cfg_scale": cfg.cfg_scale})
@@ -91,7 +110,8 @@ def register(sub) -> None:
     p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
     p.add_argument("--prompt-wav", default=None, help="audio to continue (any rate/channels); omit to start from nothing")
     p.add_argument("--out", required=True, help="output WAV (48 kHz stereo); OUT_1.wav ... with --num-samples")
-    p.add_argument("--duration-s", type=float, default=20.0, help="seconds of continuation (default 20)")
+    p.add_argument("--duration-s", type=finite_float, default=20.0,
+                   help=f"seconds of continuation, at most {MAX_DURATION_S} (default 20)")
     add_sampling(p, SampleConfig())
     p.add_argument("--num-samples", type=int, default=SampleConfig().num_samples,
                    help="variations generated together as one batch (default 1)")

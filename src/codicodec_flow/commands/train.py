@@ -6,7 +6,7 @@ import argparse
 from ..config import MODEL_PRESETS, FlowConfig, ModelConfig, TrainConfig
 from ..train import plan_run, run_train
 from ..util.progress import interactive
-from .flags import add_device
+from .flags import add_device, finite_float
 
 _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--batch-size", "batch_size", int, "crops per step per process"),
@@ -14,14 +14,14 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--crop-tokens", "crop_tokens", int, "tokens per crop, a multiple of 8"),
     ("--max-steps", "max_steps", int, "optimiser steps to train"),
     ("--dtype", "dtype", str, "auto | bf16 | fp32 (auto: bf16 on CUDA/MPS, fp32 on CPU)"),
-    ("--lr", "lr", float, "peak learning rate (linear warm-up, then cosine)"),
+    ("--lr", "lr", finite_float, "peak learning rate (linear warm-up, then cosine)"),
     ("--warmup-steps", "warmup_steps", int, "learning-rate warm-up steps"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay on weight matrices"),
-    ("--grad-clip", "grad_clip", float, "gradient-norm clip"),
-    ("--ema-decay", "ema_decay", float, "EMA decay of the weights in ema.pt"),
+    ("--weight-decay", "weight_decay", finite_float, "AdamW weight decay on weight matrices"),
+    ("--grad-clip", "grad_clip", finite_float, "gradient-norm clip"),
+    ("--ema-decay", "ema_decay", finite_float, "EMA decay of the weights in ema.pt"),
     ("--save-every", "save_every", int, "steps between checkpoints"),
     ("--val-every", "val_every", int, "steps between validation passes (0 disables)"),
-    ("--val-fraction", "val_fraction", float, "share of files held out for validation"),
+    ("--val-fraction", "val_fraction", finite_float, "share of files held out for validation"),
     ("--audio-sample-every", "audio_sample_every", int, "steps between audio samples (0 disables)"),
     ("--log-every", "log_every", int, "steps between log lines"),
     ("--seed", "seed", int, "seed for weights, crops and noise"),
@@ -30,8 +30,8 @@ _MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_la
                 ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),
                 ("--context-chunks", "context_chunks", int, "sliding window W: past chunks each chunk sees")]
 _FLOW_FLAGS = [("--t-dist", "t_dist", str, "logit_normal | uniform: training time distribution"),
-               ("--p-uncond", "p_uncond", float, "probability a chunk trains without context (for CFG)"),
-               ("--context-noise-max", "context_noise_max", float, "largest noise level put on context chunks")]
+               ("--p-uncond", "p_uncond", finite_float, "probability a chunk trains without context (for CFG)"),
+               ("--context-noise-max", "context_noise_max", finite_float, "largest noise level put on context chunks")]
 
 
 def _add_flags(p, table, defaults) -> None:
