@@ -188,3 +188,67 @@ def test_resume_keeps_its_normalisation_and_codec(ar_data, tmp_path, caplog):
     (ar_data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="trained on spectral"):
         run_train(tiny_run(ar_data, tmp_path / "run", max_steps=4, resume=True))
+
+
+def test_a_kill_between_the_two_checkpoint_writes_leaves_ema_never_behind(ar_data, tmp_path, monkeypatch):
+    """Killed after the first of the two files of a save: ema.pt is never older than last.pt, both carry their step,
+    and the resume catches up to exactly what an uninterrupted run gives."""
+    run_train(tiny_run(ar_data, tmp_path / "straight", max_steps=4))
+    out = tmp_path / "run"
+    run_train(tiny_run(ar_data, out, max_steps=2))
+    real_save, calls = torch.save, []
+
+    def killed_before_second_file(obj, f, *a, **k):
+        calls.append(Path(f).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between the two writes
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed_before_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_run(ar_data, out, max_steps=4, resume=True))
+    monkeypatch.setattr(torch, "save", real_save)
+    ema_step, last_step = load_checkpoint(out / "ema.pt")["step"], load_checkpoint(out / "last.pt")["step"]
+    assert (ema_step, last_step) == (4, 2)  # ema.pt first: it may run ahead, never lag
+    run_train(tiny_run(ar_data, out, max_steps=4, resume=True))
+    a, b = load_checkpoint(tmp_path / "straight" / "ema.pt"), load_checkpoint(out / "ema.pt")
+    assert a["step"] == b["step"] == load_checkpoint(out / "last.pt")["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda ck: ck.pop("optimizer"), "missing optimizer"),
+    (lambda ck: ck.pop("rng"), "missing rng"),
+    (lambda ck: ck["config"].pop("train"), "missing config.train"),
+    (lambda ck: ck.update(kind="inference"), "inference checkpoint"),
+    (lambda ck: ck["model"].pop(next(iter(ck["model"]))), "does not fit"),
+])
+def test_resume_from_an_incomplete_last_pt_is_a_clear_error(ar_data, tmp_path, capsys, damage, said):
+    out = tmp_path / "run"
+    run_train(tiny_run(ar_data, out, max_steps=2))
+    ck = load_checkpoint(out / "last.pt")
+    damage(ck)
+    torch.save(ck, out / "last.pt")
+    code = main(["train", "--data-dir", str(ar_data), "--out-dir", str(out), "--device", "cpu", "--max-steps", "3",
+                 "--no-tui", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "last.pt" in err and "Traceback" not in err, err
+
+
+def test_resume_refuses_a_different_preset(ar_data, tmp_path):
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2))
+    train = {"data_dir": str(ar_data), "out_dir": str(tmp_path / "run"), "max_steps": 3}
+    with pytest.raises(CheckpointError, match=r"--preset small gives dim: checkpoint 64 vs requested 384"):
+        plan_run(train, {}, {}, "small", resume=True)
+    assert plan_run(train, {}, {}, "tiny", resume=True).model.dim == 64  # the run's own preset is fine
+    assert plan_run(train, {}, {}, None, resume=True).model.dim == 64
+
+
+def test_resume_removes_temporaries_of_a_killed_save(ar_data, tmp_path):
+    out = tmp_path / "run"
+    run_train(tiny_run(ar_data, out, max_steps=2))
+    left = out / ".ema.pt.0123abcd.tmp"
+    left.write_bytes(b"half a checkpoint")
+    os.utime(left, (1, 1))
+    run_train(tiny_run(ar_data, out, max_steps=3, resume=True))
+    assert not left.exists()

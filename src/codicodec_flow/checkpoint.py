@@ -7,6 +7,8 @@ place that knows their layout:
               "rng": {"torch"}, "config": {"model", "flow", "train"}, "stats", "codec", "sampler"}
     ema.pt:  {"format", "kind": "inference", "model" (the EMA weights), "config": {"model", "flow"},
               "stats", "codec": {"name", "version"}, "step"}
+A save writes ema.pt first and last.pt second, so a process killed between the two leaves ema.pt one save
+ahead of last.pt, never behind: resuming from last.pt recomputes the same steps and rewrites both.
 """
 from __future__ import annotations
 
@@ -62,13 +64,16 @@ def _inference(model_sd: dict, configs: dict, stats: LatentStats, codec: dict, s
 
 def save_training(out_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler, step: int,
                   configs: dict, stats: LatentStats, codec: dict, sampler: dict) -> None:
-    """Write the run's last.pt (to resume) and then ema.pt (to generate) into out_dir, each atomically."""
+    """Write the run's ema.pt (to generate) and then last.pt (to resume) into out_dir, each atomically.
+
+    In this order a kill between the writes leaves ema.pt ahead of last.pt, which the resume catches up with;
+    the other order could leave ema.pt a whole save interval behind the training state."""
     out = Path(out_dir)
+    save_checkpoint(_inference(ema.state_dict(), configs, stats, codec, step), out / EMA)
     save_checkpoint({"kind": "training", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                      "rng": {"torch": torch.get_rng_state()}, "config": configs, "stats": stats.to_json(),
                      "codec": codec, "sampler": sampler}, out / LAST)
-    save_checkpoint(_inference(ema.state_dict(), configs, stats, codec, step), out / EMA)
 
 
 @dataclass
@@ -83,22 +88,44 @@ class TrainingCheckpoint:
 
     def restore(self, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler) -> int:
         """Put the saved states back into a run's objects (and the torch RNG); returns the step to continue from."""
-        model.load_state_dict(self.states["model"])
-        ema.load_state_dict(self.states["ema"])
-        optimizer.load_state_dict(self.states["optimizer"])
-        scheduler.load_state_dict(self.states["scheduler"])
-        torch.set_rng_state(self.states["rng"]["torch"])
+        try:
+            model.load_state_dict(self.states["model"])
+            ema.load_state_dict(self.states["ema"])
+            optimizer.load_state_dict(self.states["optimizer"])
+            scheduler.load_state_dict(self.states["scheduler"])
+            torch.set_rng_state(self.states["rng"]["torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path}: its saved training state does not fit the run it describes "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {_NO_RESUME}") from None
         return self.step
 
 
+TRAINING_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng", "config", "stats", "codec")
+_NO_RESUME = "resume from a backup copy of last.pt, or start a new run with another --out-dir"
+
+
 def load_training(path: str | Path) -> TrainingCheckpoint:
-    """Read a run's last.pt; CheckpointError naming the file if it is not one."""
+    """Read a run's last.pt; CheckpointError naming the file, and what is missing, if it is not a complete one."""
     obj = load_checkpoint(path)
+    if obj.get("kind") == "inference":
+        raise CheckpointError(f"{path}: an inference checkpoint (ema.pt: weights only), which cannot resume "
+                              f"training; {_NO_RESUME}")
+    missing = [k for k in TRAINING_KEYS if k not in obj]
+    if isinstance(obj.get("config"), dict):
+        missing += [f"config.{k}" for k in ("model", "flow", "train") if not isinstance(obj["config"].get(k), dict)]
+    if isinstance(obj.get("rng"), dict) and not isinstance(obj["rng"].get("torch"), torch.Tensor):
+        missing.append("rng.torch")
+    if isinstance(obj.get("codec"), dict) and "name" not in obj["codec"]:
+        missing.append("codec.name")
+    if missing:
+        raise CheckpointError(f"{path}: not a complete training checkpoint of codicodec-flow (missing "
+                              f"{', '.join(missing)}); {_NO_RESUME}")
     try:
         return TrainingCheckpoint(Path(path), int(obj["step"]), obj["config"], LatentStats.from_json(obj["stats"]),
-                                  obj["codec"], obj)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a training checkpoint (last.pt) of codicodec-flow ({exc})") from None
+                                  dict(obj["codec"]), obj)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # malformed values
+        raise CheckpointError(f"{path}: not a training checkpoint (last.pt) of codicodec-flow "
+                              f"({type(exc).__name__}: {exc}); {_NO_RESUME}") from None
 
 
 @dataclass

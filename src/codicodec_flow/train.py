@@ -33,7 +33,7 @@ from .generate import StreamGenerator
 from .model import FlowDiT
 from .util.dashboard import Monitor, QuietMonitor
 from .util.devices import autocast, autocast_dtype, resolve_device
-from .util.fsutil import write_text_atomic
+from .util.fsutil import remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,18 @@ class Run:
     resume_from: TrainingCheckpoint | None  # the run's last.pt when resuming
 
 
-def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str = "default",
+def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str | None = None,
              resume: bool = False) -> Run:
-    """Configs for a run: fresh (preset + given flags) or resumed (checkpoint's configs, given flags must agree)."""
+    """Configs for a run: fresh (preset, "default" if None, + given flags) or resumed (the checkpoint's configs;
+    given flags, a given preset included, must agree with them)."""
     train = TrainConfig(**train_given)
     last = Path(train.out_dir) / LAST
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise FlowError(f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
     if not resume:
         if last.exists():
             raise FlowError(f"{last} exists: pass --resume to continue that run, or choose a new --out-dir")
-        if preset not in MODEL_PRESETS:
-            raise FlowError(f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        preset = preset or "default"
         try:
             return Run(train, replace(MODEL_PRESETS[preset], **model_given), FlowConfig(**flow_given), None)
         except ValueError as exc:
@@ -71,6 +73,10 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     saved = ckpt.configs
     problems = (config_mismatch(saved["model"], model_given) + config_mismatch(saved["flow"], flow_given)
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
+    if preset is not None:  # the sizes the preset implies, where no size flag overrides them
+        implied = {k: v for k, v in asdict(MODEL_PRESETS[preset]).items()
+                   if k not in model_given and k in saved["model"]}
+        problems += [f"--preset {preset} gives {p}" for p in config_mismatch(saved["model"], implied)]
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
     train = replace(config_from_dict(TrainConfig, saved["train"]), **train_given)
@@ -229,6 +235,9 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
     out = Path(cfg.out_dir)
     if tr.main:
         out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(out, recursive=True)
+        if stale:
+            log.info(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted save")
         write_text_atomic(json.dumps(_configs(run), indent=1), out / "config.json")
     if sample_hook is None and cfg.audio_sample_every > 0:
         sample_hook = audio_sample_hook(cfg.audio_continuation)

@@ -50,8 +50,9 @@ def register(sub) -> None:
     p.add_argument("--data-dir", required=True, help="latent folder written by preprocess")
     p.add_argument("--out-dir", required=True, help="run folder: last.pt, ema.pt, metrics.jsonl, samples/")
     add_device(p)
-    p.add_argument("--preset", default="default", choices=sorted(MODEL_PRESETS),
-                   help="model size: default (~101 M), small (~21 M), tiny (tests)")
+    p.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
+                   help="model size: default (~101 M), small (~21 M), tiny (tests); with --resume it must be the "
+                        "run's own (default: default; with --resume, the run's)")
     _add_flags(p, _TRAIN_FLAGS, TrainConfig("", ""))
     _add_flags(p, _MODEL_FLAGS, ModelConfig())
     _add_flags(p, _FLOW_FLAGS, FlowConfig())
