@@ -28,3 +28,40 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["generation"][0]["nfe"] == 2
     assert "seconds per chunk" in capsys.readouterr().out
     assert main(["bench", "--sizes", "huge"]) == 2
+
+
+def test_realtime_figure_under_competing_load():
+    """--competing-load: the engine's sustained RTF again beside busy processes, at the live thread count and at
+    torch's own; structure only (speeds are figures, never test thresholds)."""
+    import torch
+    cfg = BenchConfig(device="cpu", sizes=("tiny",), solvers=("euler",), nfes=(2,), context_chunks=4, measure_chunks=1,
+                      rerun_chunks=0, long_chunks=0, codec="spectral", train_steps=0, realtime_chunks=3, threads=1,
+                      competing_load=1)
+    r = run_bench(cfg, say=lambda *_: None)
+    assert r["realtime"]["threads"] == 1 and r["realtime"]["chunks"] == 3
+    load = r["realtime_under_load"]
+    assert load["busy_processes"] == 1
+    assert [run["threads"] for run in load["runs"]] == sorted({1, torch.get_num_threads()})
+    assert all(run["chunks"] == 3 and run["rtf"] > 0 for run in load["runs"])
+
+
+def test_competing_load_processes_are_stopped():
+    import os
+    import pytest
+    from codicodec_flow.evaluation.bench import competing_load
+    with pytest.raises(RuntimeError):
+        with competing_load(2) as pids:
+            for pid in pids:
+                os.kill(pid, 0)  # running
+            raise RuntimeError("the measurement failed")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped however the block ended
+
+
+def test_bench_cli_reports_the_figure_under_load(capsys):
+    assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--nfes", "2", "--solvers", "euler", "--measure-chunks",
+                 "1", "--rerun-chunks", "0", "--long-chunks", "0", "--train-steps", "0", "--realtime-chunks", "2",
+                 "--codec", "spectral", "--context-chunks", "4", "--threads", "1", "--competing-load", "1"]) == 0
+    assert "realtime engine beside 1 busy process(es), 1 thread(s): sustained" in capsys.readouterr().out
+    assert main(["bench", "--sizes", "tiny", "--codec", "none", "--competing-load", "1"]) == 2

@@ -397,3 +397,33 @@ def test_ctrl_c_during_generation_ends_the_session_cleanly(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         engine.run()
     assert engine.stopping and engine.wait(2.0) and engine.summary().chunks == 2
+
+
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_threads_flag_sets_torchs_threads_while_generating(ckpt, capsys, monkeypatch, threads):
+    """--threads N generates on N intra-op threads (default: the live default) and restores torch's count after."""
+    from codicodec_flow.util.devices import live_threads
+    seen = []
+    real_run = Engine.run
+    monkeypatch.setattr(Engine, "run", lambda self: seen.append(torch.get_num_threads()) or real_run(self))
+    before = torch.get_num_threads()
+    extra = [] if threads is None else ["--threads", str(threads)]
+    assert _cli(["realtime", "--ckpt", str(ckpt), "--device", "cpu", "--sink", "null", "--max-chunks", "2",
+                 "--plain", "--no-keys", *extra]) == 0
+    want = live_threads() if threads is None else threads
+    assert seen == [want] and torch.get_num_threads() == before
+    assert f"with {want} thread" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (64, 4)])
+def test_live_thread_default_leaves_half_the_cores_to_other_programs(monkeypatch, cores, threads):
+    import os
+    from codicodec_flow.util.devices import live_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert live_threads() == threads
+
+
+def test_threads_must_be_positive(ckpt, capsys):
+    assert _cli(["realtime", "--ckpt", str(ckpt), "--device", "cpu", "--sink", "null", "--max-chunks", "1",
+                 "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err

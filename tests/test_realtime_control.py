@@ -15,11 +15,11 @@ from codicodec_flow.config import LIVE_SAMPLING
 from codicodec_flow.realtime.display import Display, state_text
 from codicodec_flow.realtime.engine import EngineConfig
 from codicodec_flow.realtime.keyboard import KeyControls, RawKeys
-from codicodec_flow.realtime.protocol import StdioControl, TcpControl, handle_line
+from codicodec_flow.realtime.protocol import ConnectionLimits, StdioControl, TcpControl, handle_line
 from codicodec_flow.realtime.session import RealtimeConfig, run_realtime
 from codicodec_flow.realtime.sinks import NullSink
 from codicodec_flow.realtime.state import Controls
-from codicodec_flow.realtime.websocket import WebSocketControl, accept_key
+from codicodec_flow.realtime.websocket import WebSocketControl, accept_key, normalise_origin
 from test_realtime import W, ckpt, make_engine  # noqa: F401  (ckpt is a fixture)
 
 
@@ -145,11 +145,12 @@ def _ws_read(f) -> str:
     return f.read(n).decode()
 
 
-def _ws_connect(port: int, origin: str):
+def _ws_connect(port: int, origin: str | None):
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
+    origin_line = "" if origin is None else f"Origin: {origin}\r\n"
     sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n".encode())
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{origin_line}\r\n".encode())
     f = sock.makefile("rb")
     status = f.readline().decode()
     headers = {}
@@ -173,6 +174,133 @@ def test_websocket_protocol_for_local_pages_only():
         sock, f, status, _, _ = _ws_connect(control.port, "https://evil.example")
         assert "403" in status  # any web site could otherwise steer the stream from the browser
         sock.close()
+    finally:
+        control.close()
+
+
+@pytest.mark.parametrize("origin, accepted", [
+    ("http://localhost:8000", True), ("http://127.0.0.1", True), ("https://127.0.0.5:9", True),
+    ("http://[::1]:5173", True), (None, True),  # no Origin: a program, not a browser
+    ("https://studio.example", True), ("https://STUDIO.example:443", True),  # allowed below, as browsers spell it
+    ("null", False),  # sandboxed frames and data: URLs of any site, file:// pages
+    ("file://", False), ("https://evil.example", False), ("https://studio.example:8443", False),
+    ("http://localhost.evil.example", False), ("http://127.0.0.1.evil.example", False),
+])
+def test_websocket_accepts_local_pages_and_allowed_origins_only(origin, accepted):
+    engine = make_engine(max_chunks=2)
+    control = WebSocketControl(engine, 0, allow_origins=("https://studio.example/",))
+    try:
+        sock, f, status, _, _ = _ws_connect(control.port, origin)
+        assert ("101" in status) == accepted and ("403" in status) == (not accepted), status
+        if accepted:
+            sock.sendall(_ws_frame('{"quit": true}'))
+            assert json.loads(_ws_read(f)) == {"event": "ok", "quit": True}
+        else:
+            assert not engine.stopping
+        sock.close()
+    finally:
+        control.close()
+
+
+@pytest.mark.parametrize("given, expect", [
+    ("HTTPS://Studio.Example:443/", "https://studio.example"), ("http://localhost:80", "http://localhost"),
+    ("http://[::1]:8080", "http://[::1]:8080"), ("chrome-extension://abcdef", "chrome-extension://abcdef"),
+])
+def test_allowed_origins_are_normalised(given, expect):
+    assert normalise_origin(given) == expect
+
+
+@pytest.mark.parametrize("bad", ["null", "file://", "https://x.example/page.html", "x.example", "*",
+                                 "https://x.example:99999"])
+def test_origins_that_name_no_site_cannot_be_allowed(bad):
+    with pytest.raises(ValueError):
+        normalise_origin(bad)
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--control", "ws:0", "--allow-origin", "null"], "--allow-origin: 'null' is what sandboxed frames"),
+    (["--control", "tcp:0", "--allow-origin", "https://a.example"], "applies to --control ws:PORT only"),
+])
+def test_realtime_refuses_bad_allow_origin(ckpt, capsys, extra, said):  # noqa: F811
+    from codicodec_flow.commands.cli import main
+    assert main(["realtime", "--ckpt", str(ckpt), "--sink", "null", "--max-chunks", "1", *extra]) == 2
+    assert said in capsys.readouterr().err
+
+
+def _eof(f, timeout=5.0) -> bool:
+    """Whether the server closes the connection (after whatever it still sends) within timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not f.read(1):
+            return True
+    return False
+
+
+def test_tcp_control_bounds_its_clients_and_closes_idle_ones():
+    engine = make_engine()
+    control = TcpControl(engine, 0, ConnectionLimits(max_clients=2, idle_s=2.0))
+    try:
+        held = [socket.create_connection(("127.0.0.1", control.port), timeout=10) for _ in range(2)]
+        files = [sock.makefile("r") for sock in held]
+        for sock, f in zip(held, files):  # both are served
+            sock.sendall(b'{"get": "state"}\n')
+            assert [json.loads(f.readline())["event"] for _ in range(2)] == ["ok", "state"]
+        t0 = time.monotonic()
+        threads = threading.active_count()
+        for _ in range(20):  # more are told why and closed, without a thread each
+            with socket.create_connection(("127.0.0.1", control.port), timeout=10) as extra:
+                f = extra.makefile("r")
+                refused = json.loads(f.readline())
+                assert refused["event"] == "error" and "too many control connections (2 at most)" in refused["message"]
+                assert f.readline() == ""
+        assert threading.active_count() <= threads and control.server.active == 2
+        time.sleep(max(0.0, t0 + 1.0 - time.monotonic()))
+        held[0].sendall(b"\n")  # any line, even an empty one, keeps a connection alive
+        idle = json.loads(files[1].readline())  # silent for 2 s: told why, then closed
+        assert idle["event"] == "error" and "no message for 2 s" in idle["message"] and files[1].readline() == ""
+        held[0].sendall(b'{"get": "state"}\n')
+        assert json.loads(files[0].readline())["event"] == "ok"
+        deadline = time.monotonic() + 5
+        while control.server.active != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert control.server.active == 1  # the idle one's place is free again
+        for sock in held:
+            sock.close()
+    finally:
+        control.close()
+
+
+def test_websocket_bounds_handshakes_clients_and_idle_time():
+    engine = make_engine()
+    limits = ConnectionLimits(max_clients=2, idle_s=2.0, handshake_s=0.5, handshake_bytes=4096, handshake_headers=20)
+    control = WebSocketControl(engine, 0, limits=limits)
+    try:
+        slow = socket.create_connection(("127.0.0.1", control.port), timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\n")  # ... and nothing more
+        f = slow.makefile("rb")
+        assert b"408" in f.readline() and _eof(f)
+        for head in (b"X-Filler: " + b"a" * 100 + b"\r\n") * 60, b"X-A: b\r\n" * 30:  # too long; too many lines
+            big = socket.create_connection(("127.0.0.1", control.port), timeout=10)
+            big.sendall(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Key: x\r\n" + head + b"\r\n")
+            f = big.makefile("rb")
+            assert b"431" in f.readline() and _eof(f)
+            big.close()
+        a, fa, status_a, _, _ = _ws_connect(control.port, "http://localhost:3000")
+        b, fb, status_b, _, _ = _ws_connect(control.port, None)
+        t0 = time.monotonic()
+        assert "101" in status_a and "101" in status_b
+        c, fc, status_c, _, _ = _ws_connect(control.port, "http://localhost:3000")
+        assert "503" in status_c and "too many control connections" in fc.read().decode()
+        c.close()
+        time.sleep(max(0.0, t0 + 1.0 - time.monotonic()))
+        a.sendall(_ws_frame(""))  # any message keeps it alive
+        idle = json.loads(_ws_read(fb))  # silent for 2 s
+        assert idle["event"] == "error" and "no message for 2 s" in idle["message"]
+        assert fb.read(2) == bytes([0x88, 2])  # then a close frame
+        a.sendall(_ws_frame('{"get": "state"}'))
+        assert json.loads(_ws_read(fa))["event"] == "ok"
+        a.close()
+        b.close()
     finally:
         control.close()
 

@@ -12,7 +12,7 @@ from ..config import MODEL_PRESETS
 from ..errors import FlowError
 from ..evaluation.bench import BenchConfig, run_bench
 from ..util.fsutil import write_text_atomic
-from .flags import add_device
+from .flags import add_device, add_threads
 
 
 def register(sub) -> None:
@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--train-crop", type=int, default=None, help="training crop tokens (default 768 on GPUs, 128 on CPU)")
     p.add_argument("--realtime-chunks", type=int, default=d.realtime_chunks,
                    help="chunks for the realtime engine's sustained real-time factor (0 skips)")
+    add_threads(p, "realtime engine figures, as realtime --threads")
+    p.add_argument("--competing-load", type=int, default=d.competing_load, metavar="N",
+                   help="also measure the realtime engine while N busy-loop processes keep N cores busy, as a DAW "
+                        "would (started and stopped by bench; default 0: not measured)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
 
@@ -43,9 +47,14 @@ def run(a: argparse.Namespace) -> int:
     try:
         cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
                           tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
-                          a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks)
+                          a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks,
+                          a.threads, a.competing_load)
     except ValueError:
         raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
+    if cfg.competing_load < 0 or (cfg.threads is not None and cfg.threads < 1):
+        raise FlowError("--competing-load must be 0 or more, --threads at least 1")
+    if cfg.competing_load and (cfg.realtime_chunks <= 0 or cfg.codec == "none"):
+        raise FlowError("--competing-load measures the realtime engine: it needs --realtime-chunks > 0 and a codec")
     unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
     if unknown:
         raise FlowError(f"unknown --sizes {unknown}: choose from {', '.join(MODEL_PRESETS)}")
@@ -82,6 +91,12 @@ def print_report(report: dict, json_path: str | None = None) -> None:
         console.print(t)
     if "realtime" in report:
         console.print(f"realtime engine: {json.dumps(report['realtime'])}")
+    if "realtime_under_load" in report:
+        load = report["realtime_under_load"]
+        for r in load["runs"]:
+            console.print(f"realtime engine beside {load['busy_processes']} busy process(es), {r['threads']} "
+                          f"thread(s): sustained {r['rtf']:.1f}x real time, compute {1000 * r['compute_mean_s']:.1f} ms "
+                          f"mean / {1000 * r['compute_p95_s']:.1f} ms p95 per chunk")
     if json_path:
         write_text_atomic(json.dumps(report, indent=1), json_path)
         console.print(f"wrote {json_path}")

@@ -9,7 +9,7 @@ from ..codec import CODEC_NAMES
 from ..config import SampleConfig
 from ..errors import FlowError
 from ..solvers import SCHEDULES, SOLVERS, get_solver, steps_for
-from ..util.devices import DEVICE_CHOICES
+from ..util.devices import DEVICE_CHOICES, live_threads
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,13 @@ def check_finite(cfg: SampleConfig) -> SampleConfig:
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, choices=DEVICE_CHOICES,
                    help=f"compute device (auto: cuda, else mps, else cpu; default {default})")
+
+
+def add_threads(p: argparse.ArgumentParser, what: str = "generation") -> None:
+    """--threads: torch's intra-op threads for live generation (default: live_threads())."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads for the {what} (default: half the cores, 1 to 4; {live_threads()} here): "
+                        f"fewer threads stay fast when other programs, e.g. a DAW, keep cores busy")
 
 
 def add_codec(p: argparse.ArgumentParser, default: str = "codicodec") -> None:

@@ -10,7 +10,7 @@ from ..realtime.live_input import LISTEN_MODES
 from ..realtime.protocol import CONTROL_HELP
 from ..realtime.session import PACES, RealtimeConfig, run_realtime
 from ..realtime.sinks import SINKS
-from .flags import add_codec_weights, add_device, add_sampling, sample_config
+from .flags import add_codec_weights, add_device, add_sampling, add_threads, sample_config
 
 
 def register(sub) -> None:
@@ -20,6 +20,7 @@ def register(sub) -> None:
                                    "steer it live; optionally accompany a live (or replayed) input.")
     p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
     add_device(p)
+    add_threads(p)
     add_codec_weights(p)
     add_sampling(p, LIVE_SAMPLING, "sampling (solver, NFE, temperature, guidance and seed are changeable live)")
     g = p.add_argument_group("context")
@@ -45,6 +46,10 @@ def register(sub) -> None:
     o.add_argument("--save", default=None, metavar="FILE.wav", help="also record the generated stream to this WAV")
     c = p.add_argument_group("control")
     c.add_argument("--control", default="none", metavar="TRANSPORT", help=f"JSON control protocol: {CONTROL_HELP}")
+    c.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="with --control ws:PORT, also accept web pages from this origin (scheme://host[:port]; "
+                        "repeatable). Pages served by this machine (http://localhost:ANY) are always accepted; "
+                        "'null' (file:// pages, sandboxed frames) never")
     c.add_argument("--no-keys", action="store_true", help="no single-key controls even on a terminal")
     c.add_argument("--plain", action="store_true", help="one line per chunk instead of the live status line")
     i = p.add_argument_group("live accompaniment")
@@ -67,6 +72,6 @@ def run(a: argparse.Namespace) -> int:
                          prompt_wav=a.prompt_wav, engine=engine, sink=a.sink, out=a.out,
                          output_device=a.output_device, pace=a.pace, save=a.save, control=a.control,
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
-                         plain=True if a.plain else None)
+                         plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads)
     run_realtime(cfg)
     return 0

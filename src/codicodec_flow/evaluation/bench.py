@@ -5,13 +5,16 @@ have random weights: speed does not depend on what a model has learnt.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Iterator
 
 import torch
 
@@ -27,7 +30,7 @@ from ..realtime.generator import LiveGenerator
 from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
-from ..util.devices import autocast, autocast_dtype, resolve_device
+from ..util.devices import autocast, autocast_dtype, live_threads, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class BenchConfig:
     train_batch: int | None = None  # None: 8 on GPUs, 1 on CPU
     train_crop: int | None = None  # None: 768 on GPUs, 128 on CPU
     realtime_chunks: int = 200  # sustained real-time factor of the realtime engine (0 skips)
+    threads: int | None = None  # torch threads of the realtime-engine figures, as `realtime --threads` (None: live_threads())
+    competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
 
 
 def sync(device: torch.device) -> None:
@@ -221,16 +226,48 @@ def run_bench(cfg: BenchConfig, say=log.info) -> dict:
             report["training"].append(bench_training(size, cfg, device, amp))
             say(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
     if cfg.realtime_chunks > 0 and codec is not None:
-        report["realtime"] = _realtime(cfg, device, amp, codec)
+        threads = live_threads() if cfg.threads is None else cfg.threads
+        report["realtime"] = _realtime(cfg, device, codec, threads)
+        say(f"  realtime engine, {threads} thread(s): {report['realtime']['rtf']:.1f}x real time")
+        if cfg.competing_load > 0:
+            report["realtime_under_load"] = _realtime_under_load(cfg, device, codec, threads, say)
     return report
 
 
-def _realtime(cfg: BenchConfig, device, amp, codec) -> dict:
-    """Sustained real-time factor of the realtime engine (null sink) with the first size."""
+def _realtime(cfg: BenchConfig, device, codec, threads: int) -> dict:
+    """Sustained real-time factor of the realtime engine (null sink) with the first size, on `threads` threads."""
     model = _model(cfg.sizes[0], cfg, device)
     bundle = Bundle(model, model.cfg, FlowConfig(), LatentStats.identity(), codec.name, codec.version, 0,
                     "(random weights)")
-    return sustained_rtf(bundle, codec, LIVE_SAMPLING, cfg.realtime_chunks, device)
+    with torch_threads(threads):
+        return {**sustained_rtf(bundle, codec, LIVE_SAMPLING, cfg.realtime_chunks, device), "threads": threads}
+
+
+def _realtime_under_load(cfg: BenchConfig, device, codec, threads: int, say) -> dict:
+    """The realtime figure again while cfg.competing_load processes keep CPU cores busy (as a DAW beside it would),
+    with the live thread count and, for comparison, torch's own (what the other figures ran with)."""
+    runs = []
+    with competing_load(cfg.competing_load):
+        for n in sorted({threads, torch.get_num_threads()}):
+            runs.append(_realtime(cfg, device, codec, n))
+            say(f"  realtime engine beside {cfg.competing_load} busy process(es), {n} thread(s): "
+                f"{runs[-1]['rtf']:.1f}x real time")
+    return {"busy_processes": cfg.competing_load, "runs": runs}
+
+
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[list[int]]:
+    """Keep `processes` CPU cores busy with busy-loop Python processes for the block; yields their ids.
+    They are killed and reaped at the end, however the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def sustained_rtf(bundle: Bundle, codec: Codec, cfg: SampleConfig, n_chunks: int = 200, device="cpu") -> dict:

@@ -12,15 +12,19 @@ Out: one JSON object per line, each with an "event":
 Transports: stdin/stdout, or a TCP port on 127.0.0.1 only (never reachable from another machine);
 websocket.py adds a WebSocket port for web pages. Every client gets every chunk event; replies go
 to the client that asked. A client that stops reading loses events, never stalls the stream.
+A port serves at most ConnectionLimits.max_clients connections at once (more are refused with a
+message), and closes a connection that sends nothing for idle_s (an empty line or a ping is enough).
 """
 from __future__ import annotations
 
 import json
 import math
 import queue
+import socket
 import socketserver
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from ..errors import FlowError
@@ -38,6 +42,20 @@ HELP = {
     "get": '{"get": "state"}', "quit": '{"quit": true}', "help": '{"help": true}',
 }
 MAX_LINE = 64 * 1024  # longer lines are refused rather than buffered without bound
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one control port accepts, so no client (or web page) can exhaust threads, memory or sockets."""
+    max_clients: int = 16  # connections at once; one more is told so and closed
+    idle_s: float = 600.0  # a connection that sends nothing for this long is closed (an empty line or a ping will do)
+    handshake_s: float = 10.0  # WebSocket: the whole HTTP upgrade request must arrive within this ...
+    handshake_bytes: int = 16 * 1024  # ... be at most this long ...
+    handshake_headers: int = 64  # ... and have at most this many header lines
+
+    def idle_message(self) -> str:
+        return (f"closed: no message for {self.idle_s:g} s; send something (an empty line, a ping) at least that "
+                f"often to stay connected")
 
 
 def handle_line(engine, line: str) -> list[dict]:
@@ -180,16 +198,24 @@ class StdioControl:
 
 
 class _Handler(socketserver.StreamRequestHandler):
+    @staticmethod
+    def refusal(text: str) -> bytes:
+        """What a connection over the limit is told before it is closed."""
+        return encode_event(_error(text)).encode()
+
     def handle(self) -> None:
-        sock = self.request
+        sock, limits = self.request, self.server.control.limits
+        sock.settimeout(limits.idle_s)  # also bounds a send to a client that stopped reading
 
         def write(text: str) -> None:
             sock.sendall(text.encode())
 
         client = Client(write)
         try:
-            self.server.hub.serve(client, (raw.decode("utf-8", "replace") for raw in iter(
+            self.server.control.hub.serve(client, (raw.decode("utf-8", "replace") for raw in iter(
                 lambda: self.rfile.readline(MAX_LINE + 2), b"")))
+        except TimeoutError:
+            client.send(_error(limits.idle_message()))
         except OSError:
             pass
         finally:
@@ -197,22 +223,67 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class _Server(socketserver.ThreadingTCPServer):
+    """One thread per connection, at most control.limits.max_clients of them; one more is refused at once."""
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(self, address, handler, control: "LocalControl"):
+        self.control, self.active, self._count = control, 0, threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        most = self.control.limits.max_clients
+        with self._count:
+            room = self.active < most
+            if room:
+                self.active += 1
+        if not room:
+            self._refuse(request, f"too many control connections ({most} at most); close one and connect again")
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count:
+            self.active -= 1
+
+    def _refuse(self, request, text: str) -> None:
+        """Say why and close, on the accepting thread (no thread is spent on a refused connection)."""
+        try:
+            request.settimeout(0.5)
+            request.sendall(self.RequestHandlerClass.refusal(text))
+            request.shutdown(socket.SHUT_WR)
+            request.setblocking(False)
+            while request.recv(65536):  # what already arrived, so closing does not reset the connection
+                pass
+        except OSError:
+            pass
+        finally:
+            request.close()
 
 
 class LocalControl:
     """A protocol server on 127.0.0.1 only (never another interface); port 0 picks a free one (see .port)."""
 
-    def __init__(self, engine, port: int, handler: type[socketserver.BaseRequestHandler], scheme: str):
+    def __init__(self, engine, port: int, handler: type[socketserver.BaseRequestHandler], scheme: str,
+                 limits: ConnectionLimits = ConnectionLimits()):
         if not 0 <= port <= 65535:
             raise FlowError(f"--control {scheme}:{port}: a port is 0..65535 (0 picks a free one)")
+        self.hub, self.limits = Hub(engine), limits
         try:
-            self.server = _Server(("127.0.0.1", port), handler)
+            self.server = _Server(("127.0.0.1", port), handler, self)
         except OSError as exc:
             raise FlowError(f"--control {scheme}:{port}: cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
                             f"pick another port") from None
-        self.server.hub = Hub(engine)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"realtime-{scheme}", daemon=True)
@@ -226,12 +297,14 @@ class LocalControl:
 class TcpControl(LocalControl):
     """Line-delimited JSON over plain TCP (e.g. `nc 127.0.0.1 PORT`)."""
 
-    def __init__(self, engine, port: int):
-        super().__init__(engine, port, _Handler, "tcp")
+    def __init__(self, engine, port: int, limits: ConnectionLimits = ConnectionLimits()):
+        super().__init__(engine, port, _Handler, "tcp", limits)
 
 
-def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO | None = None):
-    """Start the --control transport; None for "none"."""
+def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 allow_origins: tuple[str, ...] = ()):
+    """Start the --control transport; None for "none". allow_origins: web origins a ws: port accepts besides
+    this machine's own pages."""
     if spec == "none":
         return None
     if spec == "stdin":
@@ -241,5 +314,5 @@ def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO 
         if kind == "tcp":
             return TcpControl(engine, int(port))
         from .websocket import WebSocketControl
-        return WebSocketControl(engine, int(port))
+        return WebSocketControl(engine, int(port), allow_origins)
     raise FlowError(f"--control {spec!r}: use {CONTROL_HELP}")

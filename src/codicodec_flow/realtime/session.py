@@ -11,7 +11,7 @@ from ..checkpoint import load_bundle
 from ..codec.prompt import encode_prompt
 from ..config import LIVE_SAMPLING, SampleConfig
 from ..errors import FlowError
-from ..util.devices import autocast_dtype, resolve_device
+from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 from .display import Display, summary_lines
 from .engine import Engine, EngineConfig, Summary
 from .generator import LiveGenerator
@@ -20,6 +20,7 @@ from .live_input import DeviceInput, WavInput
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
 from .state import Controls, Limits, apply_message
+from .websocket import normalise_origin
 
 PACES = ("auto", "realtime", "fast")
 
@@ -44,6 +45,8 @@ class RealtimeConfig:
     input_wav: str | None = None
     input_device: str | None = None
     plain: bool | None = None  # None: a live status on a terminal, per-chunk lines otherwise
+    allow_origins: tuple[str, ...] = ()  # web origins a ws: control accepts besides this machine's own pages
+    threads: int | None = None  # torch's intra-op threads while generating; None: live_threads()
 
     @property
     def paced(self) -> bool:
@@ -76,8 +79,9 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
         raise FlowError("give --input-wav or --input-device, not both")
     if cfg.sink == "sounddevice" and cfg.pace == "fast":
         raise FlowError("--pace fast does not apply to --sink sounddevice (the sound card sets the pace)")
+    origins = _origins(cfg)
     text = sys.stderr if cfg.control == "stdin" else stdout
-    with _Resources() as resources:
+    with torch_threads(live_threads() if cfg.threads is None else cfg.threads) as threads, _Resources() as resources:
         sink = resources.hold(open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device)))  # no sound card: fail first
         dev = resolve_device(cfg.device)
         bundle = load_bundle(cfg.ckpt, dev)
@@ -99,10 +103,11 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             warmup = prompt[-1]  # (8, 64): the decoder starts from the prompt's sound
         recorder = resources.hold(WavWriter(cfg.save)) if cfg.save else None
         engine = Engine(gen, codec, sink, cfg.engine, controls, recorder, source, warmup)
-        control = open_control(cfg.control, engine, stdin, stdout)
+        control = open_control(cfg.control, engine, stdin, stdout, origins)
         if control is not None:
             resources.hold(control)
-        print(f"realtime: {bundle.path} on {dev}, codec {codec.name}, sink {cfg.sink}"
+        print(f"realtime: {bundle.path} on {dev} with {threads} thread{'s' * (threads > 1)}, "
+              f"codec {codec.name}, sink {cfg.sink}"
               f"{' (real time)' if cfg.paced else ' (as fast as possible)'}"
               f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen})' if source else ''}",
               file=text, flush=True)
@@ -113,6 +118,16 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     for line in summary_lines(summary, str(saved) if saved else None):
         print(line, file=text, flush=True)
     return SessionResult(summary, saved)
+
+
+def _origins(cfg: RealtimeConfig) -> tuple[str, ...]:
+    """The --allow-origin values, checked before anything starts."""
+    if cfg.allow_origins and not cfg.control.startswith("ws:"):
+        raise FlowError("--allow-origin applies to --control ws:PORT only")
+    try:
+        return tuple(normalise_origin(o) for o in cfg.allow_origins)
+    except ValueError as exc:
+        raise FlowError(f"--allow-origin: {exc}") from None
 
 
 class _Resources(contextlib.ExitStack):

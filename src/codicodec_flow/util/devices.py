@@ -1,7 +1,10 @@
 """Device and dtype choice shared by every command."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from typing import Iterator
 
 import torch
 
@@ -57,3 +60,31 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for dtype, or a no-op for fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def live_threads() -> int:
+    """torch's intra-op threads for live generation: half the CPU cores this process may use, 1 to 4.
+
+    A live chunk is hundreds of small operators over 8 tokens, each ending at a barrier where every
+    thread waits for the slowest. Beside a DAW or a synth that keeps cores busy, a descheduled thread
+    stalls every operator (on 2 cores with one busy, 2 threads ran ~3x slower than 1), so half the
+    cores are left to the other programs; more than 4 have little to split in 8 tokens.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Run the block with torch's intra-op thread count at n (None: as it is), restored afterwards; yields it."""
+    before = torch.get_num_threads()
+    if n is None:
+        yield before
+        return
+    if n < 1:
+        raise FlowError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
