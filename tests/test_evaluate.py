@@ -43,6 +43,8 @@ def test_eval_writes_every_figure_and_plot(setup):
     assert {"nn_ratio", "copied_fraction"} <= set(saved["memorisation"])
     ro = saved["rollout"]
     assert ro["chunks"] == 40 and ro["finite"] and len(ro["segments"]) == 4 and "verdict" in ro
+    assert ro["streams"] == 16 and 0 < ro["spread_min"] <= ro["spread_max"]  # the default: 16 prompts at once
+    assert c["spread"] > 0 and c["spread_verdict"] in ("faithful", "washed out", "too wide")
     for name in ("latents", "spectrogram", "drift", "training"):
         assert (root / "out" / saved["plots"][name].split("/")[-1]).read_bytes()[:4] == b"\x89PNG", name
 
@@ -66,7 +68,7 @@ def test_windows_spread_over_long_enough_files():
 def test_eval_cli(setup, capsys):
     root, held, train, ckpt = setup
     code = main(["eval", "--ckpt", str(ckpt), "--data-dir", str(held), "--out-dir", str(root / "cli"), "--prompts", "2",
-                 "--prompt-chunks", "2", "--continuation-chunks", "2", "--rollout-chunks", "20", "--device", "cpu",
-                 "--no-audio", "--solver", "euler", "--nfe", "2"])
+                 "--prompt-chunks", "2", "--continuation-chunks", "2", "--rollout-chunks", "20", "--rollout-streams", "2",
+                 "--device", "cpu", "--no-audio", "--solver", "euler", "--nfe", "2"])
     out = capsys.readouterr().out
-    assert code == 0 and "validation loss" in out and "rollout of 20 chunks" in out
+    assert code == 0 and "validation loss" in out and "rollout of 2 x 20 chunks" in out

@@ -18,7 +18,7 @@ def test_path_endpoints_and_velocity():
 
 def test_time_distributions():
     g = torch.Generator().manual_seed(0)
-    ln = sample_times((20000,), FlowConfig(), g)
+    ln = sample_times((20000,), FlowConfig(t_dist="logit_normal"), g)
     un = sample_times((20000,), FlowConfig(t_dist="uniform"), g)
     assert 0 < ln.min() and ln.max() < 1 and abs(ln.mean() - 0.5) < 0.01 and ln.std() < un.std()
 

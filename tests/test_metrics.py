@@ -92,3 +92,16 @@ def test_drift_flags_a_washed_out_rollout_and_not_a_faithful_one():
     washed = 0.5 * faithful  # averaged, under-dynamic: 0.5x the real spread in every segment
     w = drift_report(washed, ref)
     assert w["drift"] and "washed out" in w["verdict"] and w["spread_max"] < 0.6
+
+
+def test_drift_averages_several_streams_like_several_pieces():
+    """One stream is like one piece; 16 streams from different prompts average out what pieces differ in."""
+    g = torch.Generator().manual_seed(1)
+    piece_scale = lambda n: (0.5 + torch.rand(n, 1, 1, 1, generator=g))  # noqa: E731 pieces of 0.5-1.5x dynamics
+    ref = (torch.randn(40, 50, 8, 64, generator=g) * piece_scale(40)).flatten(0, 1)  # 40 pieces of 50 chunks
+    quiet_piece = 0.55 * torch.randn(1, 500, 8, 64, generator=g)  # a real-like but quiet piece: one stream alone
+    assert "washed out" in drift_report(quiet_piece, ref)["verdict"]  # ... cannot tell the model from the piece
+    streams = torch.randn(16, 500, 8, 64, generator=g) * piece_scale(16)  # 16 real-like streams
+    d = drift_report(streams, ref)
+    assert d["streams"] == 16 and d["verdict"] == "stable", d["verdict"]
+    assert "washed out" in drift_report(0.6 * streams, ref)["verdict"]

@@ -13,7 +13,7 @@ import torch
 
 from codicodec_flow.checkpoint import inference_dict, load_bundle, save_checkpoint
 from codicodec_flow.codec import CHUNK_SAMPLES, CHUNK_SECONDS, load_codec
-from codicodec_flow.config import FlowConfig, ModelConfig, SampleConfig
+from codicodec_flow.config import LIVE_SAMPLING, FlowConfig, ModelConfig, SampleConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.model import FlowDiT
 from codicodec_flow.evaluation.bench import sustained_rtf
@@ -243,7 +243,7 @@ def test_controls_land_between_chunks():
     engine.run()
     states = [e["state"] for e in events if e["event"] == "chunk"]
     assert [s["temperature"] for s in states] == [1.0] * 3 + [0.5] * 3
-    assert [s["solver"] for s in states] == ["euler"] * 3 + ["heun"] * 3 and states[-1]["steps"] == 1
+    assert [s["solver"] for s in states] == [LIVE_SAMPLING.solver] * 3 + ["heun"] * 3 and states[-1]["steps"] == 1
     assert engine.gen.cache.active == 2 and engine.gen.steps == 1 and engine.gen.cfg.temperature == 0.5
 
 

@@ -20,6 +20,7 @@ from codicodec_flow.realtime.session import RealtimeConfig, run_realtime
 from codicodec_flow.realtime.sinks import NullSink
 from codicodec_flow.realtime.state import Controls
 from codicodec_flow.realtime.websocket import WebSocketControl, accept_key, normalise_origin
+from codicodec_flow.solvers import SOLVERS
 from test_realtime import W, ckpt, make_engine  # noqa: F401  (ckpt is a fixture)
 
 
@@ -325,7 +326,8 @@ def test_keys_become_commands():
     for k in "tt]2s":
         keys.press(k)
     c = engine.pending
-    assert (round(c.temperature, 6), c.context_chunks, c.nfe, c.solver) == (0.8, W, 2, "heun")
+    after = list(SOLVERS)[(list(SOLVERS).index(LIVE_SAMPLING.solver) + 1) % len(SOLVERS)]  # `s`: the next solver
+    assert (round(c.temperature, 6), c.context_chunks, c.nfe, c.solver) == (0.8, W, 2, after)
     seed = c.seed
     keys.press("N")
     assert engine.pending.seed != seed and engine._seed_mode == "cut"

@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help=f"generated chunks compared with the real ones (default {d.continuation_chunks})")
     p.add_argument("--rollout-chunks", type=int, default=d.rollout_chunks,
                    help=f"length of the long-horizon rollout, 0 to skip (default {d.rollout_chunks}, ~11 min)")
+    p.add_argument("--rollout-streams", type=int, default=d.rollout_streams,
+                   help=f"rollouts from different held-out prompts, run together (default {d.rollout_streams})")
     p.add_argument("--no-audio", action="store_true", help="skip decoding audio for the spectrogram")
     add_sampling(p, SampleConfig())
     add_device(p)
@@ -32,11 +34,12 @@ def register(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks) < 1 or a.rollout_chunks < 0:
-        raise FlowError("--prompts must be >= 2, --prompt-chunks and --continuation-chunks >= 1, --rollout-chunks >= 0")
+    if a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks, a.rollout_streams) < 1 or a.rollout_chunks < 0:
+        raise FlowError("--prompts must be >= 2, --prompt-chunks, --continuation-chunks and --rollout-streams >= 1, "
+                        "--rollout-chunks >= 0")
     cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
                      a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
-                     audio=not a.no_audio)
+                     audio=not a.no_audio, rollout_streams=a.rollout_streams)
     report = run_eval(cfg, sample_config(a, SampleConfig()))
     for line in summary(report):
         print(line)

@@ -38,6 +38,7 @@ class EvalConfig:
     prompt_chunks: int = 8  # ~5.5 s of prompt
     continuation_chunks: int = 16  # ~11 s compared with the real continuation
     rollout_chunks: int = 1000  # ~11 min long-horizon stream
+    rollout_streams: int = 16  # streams from different held-out prompts: one stream is like one piece
     segment_chunks: int = 50  # rollout statistics per segment of this many chunks
     device: str = "auto"
     codec_ckpt: str | None = None
@@ -98,7 +99,7 @@ def run_eval(cfg: EvalConfig, sample: SampleConfig = SampleConfig(), plain: bool
                             "fixed noise, t grid " + ", ".join(map(str, val["by_t"]))}
     _continuations(ev, report)
     if cfg.rollout_chunks > 0:
-        report["rollout"] = _rollout(ev.generator(1), ev.files, cfg, plain)
+        report["rollout"] = _rollout(ev, plain)
         report["plots"]["drift"] = str(_drift_png(report["rollout"], cfg, ev.out))
     curves = Path(cfg.ckpt).parent / "metrics.jsonl"
     if curves.exists() and (png := training_curves_png(curves, ev.out / "training_curves.png")):
@@ -149,18 +150,23 @@ def _continuations(ev: _Run, report: dict) -> None:
         report["plots"]["spectrogram"] = _spectrogram(ev.bundle, cfg, ev.device, prompts[0], cont[0], ev.out)
 
 
-def _rollout(gen: StreamGenerator, files: list[LatentFile], cfg: EvalConfig, plain: bool | None) -> dict:
-    """One long stream from the first held-out prompt; per-segment statistics against the held-out data."""
-    gen.prefill(files[0].latents[: min(cfg.prompt_chunks, files[0].chunks)])
+def _rollout(ev: _Run, plain: bool | None) -> dict:
+    """Long streams from several held-out prompts at once; per-segment statistics against the held-out data."""
+    cfg, files = ev.cfg, ev.files
+    windows = pick_windows(files, cfg.rollout_streams, cfg.prompt_chunks, seed=1)
+    prompts = (torch.stack([files[i].latents[s:s + cfg.prompt_chunks] for i, s in windows]) if windows
+               else files[0].latents[None, : cfg.prompt_chunks])  # (S, P, 8, 64)
+    gen = ev.generator(prompts.shape[0])
+    gen.prefill(prompts)
     times = []
     with Reporter(cfg.rollout_chunks, "rollout", plain=plain, plain_every_s=5.0) as bar:
         def tick(i, _):
             times.append(time.perf_counter())
-            bar.advance(f"{(i + 1) * CHUNK_SECONDS / 60:.1f} min of music")
-        z = gen.generate(cfg.rollout_chunks, tick)[0]  # (R, 8, 64)
+            bar.advance(f"{(i + 1) * CHUNK_SECONDS / 60:.1f} min of music x {prompts.shape[0]} streams")
+        z = gen.generate(cfg.rollout_chunks, tick)  # (S, R, 8, 64)
     reference = torch.cat([f.latents for f in files])
     seg = min(cfg.segment_chunks, max(1, cfg.rollout_chunks // 4))
-    drift = drift_report(normalise(z, gen.stats), normalise(reference, gen.stats), seg)
+    drift = drift_report(ev.norm(z), ev.norm(reference), seg)
     per_chunk = torch.tensor(times).diff()
     return {"chunks": cfg.rollout_chunks, "minutes": cfg.rollout_chunks * CHUNK_SECONDS / 60, "segment_chunks": seg,
             **drift, "seconds_per_chunk_median": float(per_chunk.median()) if len(per_chunk) else None}
@@ -178,7 +184,8 @@ def _drift_png(rollout: dict, cfg: EvalConfig, out: Path) -> Path:
                        ("spread: generated / real", {"segment": (xs, [s["spread"] for s in segs]),
                                                      f"faithful from {lo}": (xs, [lo] * len(xs)),
                                                      f"faithful to {hi}": (xs, [hi] * len(xs))})],
-                      out / "rollout_drift.png", title=f"{cfg.rollout_chunks}-chunk rollout: {rollout['verdict']}",
+                      out / "rollout_drift.png", title=f"{rollout['streams']} x {cfg.rollout_chunks}-chunk rollouts: "
+                      f"{'stable' if not rollout['drift'] else 'fails (see eval.json reasons)'}",
                       xlabel="minutes")
 
 
@@ -216,7 +223,7 @@ def summary(report: dict) -> list[str]:
     if "rollout" in report:
         ro = report["rollout"]
         base = ro.get("real_segment_fd")
-        lines.append(f"rollout of {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; spread "
+        lines.append(f"rollout of {ro['streams']} x {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; spread "
                      f"{ro['spread_min']:.2f}-{ro['spread_max']:.2f}x real music's; segment FD "
                      f"{ro['segments'][0]['fd']:.1f} -> {ro['segments'][-1]['fd']:.1f}"
                      + (f" (real held-out segments: {base:.1f})" if base is not None else "") if ro["segments"] else

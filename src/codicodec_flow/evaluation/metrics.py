@@ -127,32 +127,42 @@ class DriftLimits:
     spread: tuple[float, float] = SpreadBand().segment  # every segment's spread vs real segments must stay inside
 
 
+def _segment_stats(z: torch.Tensor, ref: torch.Tensor, ref_mu: torch.Tensor, ref_sd: torch.Tensor) -> tuple:
+    """(FD to the reference, mean shift in reference std, mean std ratio) of one segment's token frames (N, 64)."""
+    return (frechet_distance(z, ref), float(((z.mean(0) - ref_mu).abs() / ref_sd).mean()),
+            float((z.std(0) / ref_sd).mean()))
+
+
 def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 50,
                  limits: DriftLimits = DriftLimits()) -> dict:
-    """Per-segment statistics of a long rollout (T, 8, 64) against reference data (M, 8, 64), and a verdict.
+    """Per-segment statistics of long rollouts (S, T, 8, 64) (or one, (T, 8, 64)) against reference data (M, 8, 64).
 
-    Each segment's `spread` is its spread_ratio against the whole reference divided by the median of the
-    same figure over the reference's own segments of equal length (a piece of music varies less within
-    half a minute than across a collection), so 1 means "as dynamic as real music over the same span".
+    Each statistic is computed per stream and segment and averaged over the S streams: one stream is
+    like one piece, and pieces differ (half a minute of real music has 0.44-1.07x the collection's
+    spread, 5-95 %), so several streams from different prompts are what can be compared with real music.
+    A segment's `spread` is its mean std ratio (segment std / reference std, over channels) divided by
+    the mean of the same figure over the reference's own segments of equal length: 1 means "as dynamic
+    as real music over the same span". `fd` is compared with `real_segment_fd`, the reference segments' median.
     """
-    finite = bool(torch.isfinite(rollout).all())
+    streams = rollout[None] if rollout.ndim == 3 else rollout  # (S, T, 8, 64)
+    finite = bool(torch.isfinite(streams).all())
     ref = token_frames(reference).double()
     ref_mu, ref_sd = ref.mean(0), ref.std(0).clamp_min(1e-6)
-    real = [reference[i:i + segment] for i in range(0, reference.shape[0] - segment + 1, segment)]
-    # what real music scores: each reference segment of the same length against the whole reference
-    baseline = float(torch.tensor([frechet_distance(token_frames(r).double(), ref) for r in real]).median()) if real else None
-    real_spread = float(torch.tensor([spread_ratio(r, reference) for r in real]).median()) if real else 1.0
+    real = [_segment_stats(token_frames(reference[i:i + segment]).double(), ref, ref_mu, ref_sd)
+            for i in range(0, reference.shape[0] - segment + 1, segment)]
+    baseline = float(torch.tensor([r[0] for r in real]).median()) if real else None
+    real_spread = sum(r[2] for r in real) / len(real) if real else 1.0
     segs = []
-    for start in range(0, rollout.shape[0] - segment + 1, segment):
-        z = token_frames(rollout[start:start + segment]).double()
-        if not torch.isfinite(z).all():
+    for start in range(0, streams.shape[1] - segment + 1, segment):
+        part = streams[:, start:start + segment].double()  # (S, segment, 8, 64)
+        if not torch.isfinite(part).all():
             segs.append({"start": start, "fd": float("inf"), "mean_shift": float("inf"), "std_ratio": float("inf"),
                          "spread": float("inf")})
             continue
-        std_ratio = float((z.std(0) / ref_sd).mean())
-        segs.append({"start": start, "fd": frechet_distance(z, ref),
-                     "mean_shift": float(((z.mean(0) - ref_mu).abs() / ref_sd).mean()),
-                     "std_ratio": std_ratio, "spread": std_ratio / real_spread})
+        stats = torch.tensor([_segment_stats(token_frames(z), ref, ref_mu, ref_sd) for z in part]).mean(0)
+        fd, shift, std_ratio = (float(v) for v in stats)
+        segs.append({"start": start, "fd": fd, "mean_shift": shift, "std_ratio": std_ratio,
+                     "spread": std_ratio / real_spread})
     reasons = [] if finite else ["NaN or inf in the rollout"]
     if segs and finite:
         first, last = segs[0], segs[-1]
@@ -170,7 +180,8 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 
             reasons.append(f"too wide: spread up to {max(wide):.2f}x real music's in {len(wide)} of {len(segs)} "
                            f"segments (faithful: {lo}-{hi})")
     spreads = [s["spread"] for s in segs]
-    return {"finite": finite, "segments": segs, "real_segment_fd": baseline, "real_segment_std_ratio": real_spread,
+    return {"finite": finite, "streams": streams.shape[0], "segments": segs, "real_segment_fd": baseline,
+            "real_segment_std_ratio": real_spread,
             "spread_min": min(spreads) if spreads else None, "spread_max": max(spreads) if spreads else None,
             "drift": bool(reasons), "reasons": reasons,
             "verdict": "fails: " + "; ".join(reasons) if reasons else "stable"}
