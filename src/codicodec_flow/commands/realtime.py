@@ -50,6 +50,12 @@ def register(sub) -> None:
                    help="with --control ws:PORT, also accept web pages from this origin (scheme://host[:port]; "
                         "repeatable). Pages served by this machine (http://localhost:ANY) are always accepted; "
                         "'null' (file:// pages, sandboxed frames) never")
+    c.add_argument("--osc-host", default=None, metavar="HOST",
+                   help="with --control osc:PORT, listen on this interface instead of 127.0.0.1 (e.g. 0.0.0.0 for "
+                        "a tablet on the LAN). OSC has no authentication: anyone who reaches it can steer the stream")
+    c.add_argument("--osc-reply-port", type=int, default=None, metavar="PORT",
+                   help="with --control osc:PORT, send replies and events to this port on the sender's host "
+                        "(default: the port the sender sent from)")
     c.add_argument("--no-keys", action="store_true", help="no single-key controls even on a terminal")
     c.add_argument("--plain", action="store_true", help="one line per chunk instead of the live status line")
     i = p.add_argument_group("live accompaniment")
@@ -72,6 +78,7 @@ def run(a: argparse.Namespace) -> int:
                          prompt_wav=a.prompt_wav, engine=engine, sink=a.sink, out=a.out,
                          output_device=a.output_device, pace=a.pace, save=a.save, control=a.control,
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
-                         plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads)
+                         plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads,
+                         osc_host=a.osc_host, osc_reply_port=a.osc_reply_port)
     run_realtime(cfg)
     return 0

@@ -10,8 +10,9 @@ Out: one JSON object per line, each with an "event":
     {"event": "chunk", "index", "compute_s", "rtf", "buffer_s", "underruns", "latency_s", "state": {...}}
     {"event": "end", "chunks", "rtf", ...}            the session's summary
 Transports: stdin/stdout, or a TCP port on 127.0.0.1 only (never reachable from another machine);
-websocket.py adds a WebSocket port for web pages. Every client gets every chunk event; replies go
-to the client that asked. A client that stops reading loses events, never stalls the stream.
+websocket.py adds a WebSocket port for web pages, osc.py OSC over UDP for music software (through
+handle_message). Every client gets every chunk event; replies go to the client that asked.
+A client that stops reading loses events, never stalls the stream.
 A port serves at most ConnectionLimits.max_clients connections at once (more are refused with a
 message), and closes a connection that sends nothing for idle_s (an empty line or a ping is enough).
 """
@@ -30,7 +31,8 @@ from typing import Callable, TextIO
 from ..errors import FlowError
 from .state import ControlError
 
-CONTROL_HELP = "none | stdin | tcp:PORT | ws:PORT (ports listen on 127.0.0.1 only; 0 picks a free one)"
+CONTROL_HELP = ("none | stdin | tcp:PORT | ws:PORT | osc:PORT (ports listen on 127.0.0.1; osc: on --osc-host if "
+                "given; 0 picks a free one)")
 
 HELP = {
     "set": '{"set": {"temperature": 0.8, "solver": "heun", "nfe": 2, "cfg_scale": 1.5, "context_chunks": 8}}',
@@ -72,6 +74,11 @@ def handle_line(engine, line: str) -> list[dict]:
             exc, RecursionError) else str(exc)
         return [_error(f"not valid JSON ({why}); send one object per line, e.g. "
                        f'{{"set": {{"temperature": 0.9}}}}')]
+    return handle_message(engine, msg)
+
+
+def handle_message(engine, msg: object) -> list[dict]:
+    """Apply one decoded command (from JSON, OSC, ...) to the engine; the events for the client that sent it."""
     try:
         upd = engine.submit(msg)
     except ControlError as exc:
@@ -302,14 +309,17 @@ class TcpControl(LocalControl):
 
 
 def open_control(spec: str, engine, stdin: TextIO | None = None, stdout: TextIO | None = None,
-                 allow_origins: tuple[str, ...] = ()):
+                 allow_origins: tuple[str, ...] = (), osc_host: str = "127.0.0.1", osc_reply_port: int | None = None):
     """Start the --control transport; None for "none". allow_origins: web origins a ws: port accepts besides
-    this machine's own pages."""
+    this machine's own pages; osc_host, osc_reply_port: where an osc: port listens and where it replies."""
     if spec == "none":
         return None
     if spec == "stdin":
         return StdioControl(engine, stdin, stdout)
     kind, _, port = spec.partition(":")
+    if kind == "osc" and port.isdigit():
+        from .osc import OscControl  # here, as osc.py builds on this module
+        return OscControl(engine, int(port), osc_host, osc_reply_port)
     if kind in ("tcp", "ws") and port.isdigit():
         if kind == "tcp":
             return TcpControl(engine, int(port))

@@ -17,6 +17,7 @@ from .engine import Engine, EngineConfig, Summary
 from .generator import LiveGenerator
 from .keyboard import KeyControls, RawKeys
 from .live_input import DeviceInput, WavInput
+from .osc import exposed, exposure_warning
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
 from .state import Controls, Limits, apply_message
@@ -40,13 +41,15 @@ class RealtimeConfig:
     output_device: str | None = None
     pace: str = "auto"  # auto: real time, except --sink null which runs as fast as it can
     save: str | None = None
-    control: str = "none"  # none | stdin | tcp:PORT | ws:PORT
+    control: str = "none"  # none | stdin | tcp:PORT | ws:PORT | osc:PORT
     keyboard: bool = True  # keys when stdin is a terminal and not the control channel
     input_wav: str | None = None
     input_device: str | None = None
     plain: bool | None = None  # None: a live status on a terminal, per-chunk lines otherwise
     allow_origins: tuple[str, ...] = ()  # web origins a ws: control accepts besides this machine's own pages
     threads: int | None = None  # torch's intra-op threads while generating; None: live_threads()
+    osc_host: str | None = None  # the interface an osc: control listens on; None: 127.0.0.1
+    osc_reply_port: int | None = None  # where OSC replies and events go on the sender's host; None: its own port
 
     @property
     def paced(self) -> bool:
@@ -80,6 +83,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     if cfg.sink == "sounddevice" and cfg.pace == "fast":
         raise FlowError("--pace fast does not apply to --sink sounddevice (the sound card sets the pace)")
     origins = _origins(cfg)
+    if (cfg.osc_host is not None or cfg.osc_reply_port is not None) and not cfg.control.startswith("osc:"):
+        raise FlowError("--osc-host and --osc-reply-port apply to --control osc:PORT only")
     text = sys.stderr if cfg.control == "stdin" else stdout
     with torch_threads(live_threads() if cfg.threads is None else cfg.threads) as threads, _Resources() as resources:
         sink = resources.hold(open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device)))  # no sound card: fail first
@@ -103,7 +108,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             warmup = prompt[-1]  # (8, 64): the decoder starts from the prompt's sound
         recorder = resources.hold(WavWriter(cfg.save)) if cfg.save else None
         engine = Engine(gen, codec, sink, cfg.engine, controls, recorder, source, warmup)
-        control = open_control(cfg.control, engine, stdin, stdout, origins)
+        control = open_control(cfg.control, engine, stdin, stdout, origins, cfg.osc_host or "127.0.0.1",
+                               cfg.osc_reply_port)
         if control is not None:
             resources.hold(control)
         print(f"realtime: {bundle.path} on {dev} with {threads} thread{'s' * (threads > 1)}, "
@@ -112,7 +118,10 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
               f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen})' if source else ''}",
               file=text, flush=True)
         if hasattr(control, "port"):
-            print(f"control: {cfg.control.split(':')[0]} on 127.0.0.1:{control.port}", file=text, flush=True)
+            host = getattr(control, "host", "127.0.0.1")
+            print(f"control: {cfg.control.split(':')[0]} on {host}:{control.port}", file=text, flush=True)
+            if cfg.osc_host is not None and exposed(cfg.osc_host):
+                print(exposure_warning(host, control.port), file=text, flush=True)
         summary = _play(cfg, engine, stdin, text, window, resources)
     saved = recorder.path if recorder is not None else None
     for line in summary_lines(summary, str(saved) if saved else None):
