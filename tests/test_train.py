@@ -12,7 +12,7 @@ from codicodec_flow.data.dataset import load_latents, validation_crops
 from codicodec_flow.errors import CheckpointError, FlowError
 from codicodec_flow.flow import validation_loss
 from codicodec_flow.train import plan_run, run_train
-from conftest import write_latent_dir
+from conftest import ar_latents, write_latent_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,12 +31,12 @@ def drifting_chords(chunks: int, seed: int, rho: float = 0.98) -> torch.Tensor:
     return c[:, None, :] + 0.05 * torch.randn(chunks, 8, 64, generator=g)
 
 
-def tiny_run(data_dir, out_dir, resume=False, flow=None, **over):
+def tiny_run(data_dir, out_dir, resume=False, flow=None, init_from=None, **over):
     train = dict(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", batch_size=4, crop_tokens=64,
                  max_steps=6, lr=1e-3, warmup_steps=2, save_every=100, val_every=3, log_every=1, tui=False,
                  ema_decay=0.9, dtype="fp32")
     train.update(over)
-    return plan_run(train, {}, flow or {}, "tiny", resume)
+    return plan_run(train, {}, flow or {}, "tiny", resume, None if init_from is None else str(init_from))
 
 
 def test_learns_to_use_its_context(tmp_path):
@@ -252,3 +252,81 @@ def test_resume_removes_temporaries_of_a_killed_save(ar_data, tmp_path):
     os.utime(left, (1, 1))
     run_train(tiny_run(ar_data, out, max_steps=3, resume=True))
     assert not left.exists()
+
+
+def test_init_from_starts_a_new_run_from_the_source_ema_weights(ar_data, tmp_path, caplog):
+    """A fine-tune starts model and EMA from the source's EMA weights and keeps its normalisation; optimiser,
+    schedule, steps and folder are its own, and every file it writes says where it started from."""
+    import json
+    import logging
+    from codicodec_flow.train import setup
+    caplog.set_level(logging.INFO, logger="codicodec_flow")
+    src = tmp_path / "big"
+    run_train(tiny_run(ar_data, src, flow={"t_dist": "uniform"}, max_steps=4))
+    source = load_checkpoint(src / "last.pt")
+    album = write_latent_dir(tmp_path / "album", {f"track{i}.wav": 3.0 * ar_latents(30, seed=10 + i) for i in range(3)})
+    for ckpt in ("last.pt", "ema.pt"):  # last.pt: its EMA weights, as load_bundle reads it
+        run = tiny_run(album, tmp_path / "ft", init_from=src / ckpt, max_steps=3, flow={"p_uncond": 0.2})
+        assert run.flow.t_dist == "uniform" and run.flow.p_uncond == 0.2  # flow: the source's unless given anew
+        tr = setup(run)
+        assert tr.step == 0 and not tr.opt.state and tr.sched.last_epoch == 0
+        for net in (tr.model, tr.ema):
+            assert all(torch.equal(v, source["ema"][k]) for k, v in net.state_dict().items())
+        assert torch.equal(tr.data.stats.mean, torch.tensor(source["stats"]["mean"]))
+    assert f"latent normalisation: the statistics of {src / 'ema.pt'}" in caplog.text
+    run_train(run, stop_at=2)
+    run_train(tiny_run(album, tmp_path / "ft", resume=True, flow={"p_uncond": 0.2}, max_steps=3))  # kept on resume
+    record = {"path": str((src / "ema.pt").resolve()), "step": 4}
+    last, ema = load_checkpoint(tmp_path / "ft" / "last.pt"), load_checkpoint(tmp_path / "ft" / "ema.pt")
+    assert last["step"] == ema["step"] == 3 and last["scheduler"]["last_epoch"] == 3
+    assert last["init_from"] == ema["init_from"] == record
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["init_from"] == record
+    assert last["stats"] == source["stats"]  # the normalisation the weights were trained with, not the album's
+    assert any(not torch.equal(last["ema"][k], source["ema"][k]) for k in source["ema"])  # and it did train
+    assert "init_from" not in source and load_checkpoint(src / "ema.pt")["step"] == 4  # the source is untouched
+
+
+def test_init_from_refuses_another_shape_another_codec_and_resume(ar_data, tmp_path):
+    import json
+    import shutil
+    src = tmp_path / "big"
+    run_train(tiny_run(ar_data, src, max_steps=2))
+    train = {"data_dir": str(ar_data), "out_dir": str(tmp_path / "ft"), "device": "cpu", "max_steps": 2}
+    with pytest.raises(CheckpointError, match=r"--init-from cannot change the model's shape \(dim: checkpoint 64 vs "
+                                              r"requested 128\)"):
+        plan_run(train, {"dim": 128}, {}, None, init_from=str(src / "ema.pt"))
+    with pytest.raises(CheckpointError, match=r"--preset small gives dim: checkpoint 64 vs requested 384"):
+        plan_run(train, {}, {}, "small", init_from=str(src / "ema.pt"))
+    with pytest.raises(CheckpointError, match=r"context_chunks: checkpoint 4 vs requested 8"):
+        plan_run(train, {"context_chunks": 8}, {}, "tiny", init_from=str(src / "ema.pt"))
+    assert plan_run(train, {"dim": 64}, {}, "tiny", init_from=str(src / "ema.pt")).model.dim == 64
+    with pytest.raises(FlowError, match="--init-from starts a new run and --resume continues"):
+        plan_run(train, {}, {}, None, resume=True, init_from=str(src / "ema.pt"))
+    with pytest.raises(FlowError, match="last.pt exists"):
+        plan_run({**train, "out_dir": str(src)}, {}, {}, None, init_from=str(src / "ema.pt"))
+    other = shutil.copytree(ar_data, tmp_path / "other")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["codec"], manifest["codec_version"] = "codicodec", "0.1.2"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"holds codicodec 0.1.2 latents but .*ema.pt was trained on spectral 1"):
+        run_train(tiny_run(other, tmp_path / "ft", init_from=src / "ema.pt"))
+
+
+def test_cli_train_init_from_end_to_end(ar_data, tmp_path, capsys):
+    run_train(tiny_run(ar_data, tmp_path / "big", max_steps=2))
+
+    def train(out, *extra):
+        return main(["train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / out), "--device", "cpu",
+                     "--max-steps", "2", "--batch-size", "2", "--crop-tokens", "64", "--no-tui", "--val-every", "2",
+                     "--dtype", "fp32", "--init-from", str(tmp_path / "big" / "last.pt"), *extra])
+
+    code = train("ft")
+    out = capsys.readouterr()
+    assert code == 0 and out.out.startswith("done: step 2") and "starting from the EMA weights of" in out.err
+    assert load_checkpoint(tmp_path / "ft" / "ema.pt")["init_from"]["step"] == 2
+    assert load_bundle(tmp_path / "ft" / "ema.pt").model_cfg.dim == 64  # the source's shape, no --preset needed
+    for out, extra, said in (("ft2", ["--dim", "128"], "dim: checkpoint 64 vs requested 128"),
+                             ("ft", ["--resume"], "--init-from starts a new run"), ("ft", [], "last.pt exists")):
+        assert train(out, *extra) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err

@@ -4,9 +4,11 @@ Both are plain dicts of tensors and primitives, written atomically and read with
 `torch.load(weights_only=True)`, so a checkpoint can never execute code. This module is the only
 place that knows their layout:
     last.pt: {"format", "kind": "training", "model", "ema", "optimizer", "scheduler", "step",
-              "rng": {"torch"}, "config": {"model", "flow", "train"}, "stats", "codec", "sampler"}
+              "rng": {"torch"}, "config": {"model", "flow", "train"}, "stats", "codec", "sampler"[, "init_from"]}
     ema.pt:  {"format", "kind": "inference", "model" (the EMA weights), "config": {"model", "flow"},
-              "stats", "codec": {"name", "version"}, "step"}
+              "stats", "codec": {"name", "version"}, "step"[, "init_from"]}
+"init_from" ({"path", "step"}), in both files of a run started with `train --init-from`, names the checkpoint
+whose weights it started from.
 A save writes ema.pt first and last.pt second, so a process killed between the two leaves ema.pt one save
 ahead of last.pt, never behind: resuming from last.pt recomputes the same steps and rewrites both.
 """
@@ -63,17 +65,18 @@ def _inference(model_sd: dict, configs: dict, stats: LatentStats, codec: dict, s
 
 
 def save_training(out_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler, step: int,
-                  configs: dict, stats: LatentStats, codec: dict, sampler: dict) -> None:
+                  configs: dict, stats: LatentStats, codec: dict, sampler: dict, init_from: dict | None = None) -> None:
     """Write the run's ema.pt (to generate) and then last.pt (to resume) into out_dir, each atomically.
 
     In this order a kill between the writes leaves ema.pt ahead of last.pt, which the resume catches up with;
     the other order could leave ema.pt a whole save interval behind the training state."""
     out = Path(out_dir)
-    save_checkpoint(_inference(ema.state_dict(), configs, stats, codec, step), out / EMA)
+    origin = {} if init_from is None else {"init_from": init_from}
+    save_checkpoint({**_inference(ema.state_dict(), configs, stats, codec, step), **origin}, out / EMA)
     save_checkpoint({"kind": "training", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                      "rng": {"torch": torch.get_rng_state()}, "config": configs, "stats": stats.to_json(),
-                     "codec": codec, "sampler": sampler}, out / LAST)
+                     "codec": codec, "sampler": sampler, **origin}, out / LAST)
 
 
 @dataclass
@@ -85,6 +88,11 @@ class TrainingCheckpoint:
     stats: LatentStats  # the normalisation the run started with
     codec: dict  # {"name", "version"} of the latents it trains on
     states: dict  # the whole file, for restore_training
+
+    @property
+    def init_from(self) -> dict | None:
+        """{"path", "step"} of the checkpoint the run was started from with --init-from, if it was."""
+        return self.states.get("init_from")
 
     def restore(self, model: torch.nn.Module, ema: torch.nn.Module, optimizer, scheduler) -> int:
         """Put the saved states back into a run's objects (and the torch RNG); returns the step to continue from."""
@@ -129,6 +137,46 @@ def load_training(path: str | Path) -> TrainingCheckpoint:
 
 
 @dataclass
+class Weights:
+    """The inference side of ema.pt or last.pt (its EMA weights): what generation and a fine-tune start from."""
+    path: Path
+    kind: str  # "inference" (ema.pt) or "training" (last.pt)
+    step: int
+    model_cfg: ModelConfig
+    flow_cfg: FlowConfig
+    stats: LatentStats  # the normalisation the weights were trained with
+    codec: dict  # {"name", "version"}
+    state: dict  # the EMA weights
+
+    @property
+    def record(self) -> dict:
+        """What a run started from these weights records as its "init_from"."""
+        return {"path": str(self.path.resolve()), "step": self.step}
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Copy the weights into a FlowDiT of the same shape; CheckpointError naming the file if they do not fit."""
+        try:
+            model.load_state_dict(self.state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path}: checkpoint does not match this version's model "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def load_weights(path: str | Path) -> Weights:
+    """Read the EMA weights of ema.pt or last.pt, with their configs, latent statistics and codec identity."""
+    obj = load_checkpoint(path)
+    kind = "training" if obj.get("kind") == "training" else "inference"
+    try:
+        codec = {"name": obj["codec"]["name"], "version": obj["codec"].get("version", "?")}
+        return Weights(Path(path), kind, int(obj.get("step", 0)), config_from_dict(ModelConfig, obj["config"]["model"]),
+                       config_from_dict(FlowConfig, obj["config"]["flow"]), LatentStats.from_json(obj["stats"]), codec,
+                       obj["ema"] if kind == "training" else obj["model"])
+    except Exception as exc:  # malformed values
+        raise CheckpointError(f"{path}: checkpoint does not match this version's model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+@dataclass
 class Bundle:
     """A model ready for generation, with what it needs to interpret latents."""
     model: FlowDiT
@@ -147,24 +195,12 @@ class Bundle:
 
 def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
     """Load ema.pt (or the EMA weights of last.pt) as an eval-mode FlowDiT."""
-    obj = load_checkpoint(path)
-    try:
-        model_cfg = config_from_dict(ModelConfig, obj["config"]["model"])
-        flow_cfg = config_from_dict(FlowConfig, obj["config"]["flow"])
-        weights = obj["ema"] if obj.get("kind") == "training" else obj["model"]
-        model = FlowDiT(model_cfg)
-        model.load_state_dict(weights)
-        stats = LatentStats.from_json(obj["stats"])
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: checkpoint does not match this version's model "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    w = load_weights(path)
+    model = FlowDiT(w.model_cfg)
+    w.load_into(model)
     model.to(device).eval().requires_grad_(False)
-    step = int(obj.get("step", 0))
-    log.info(f"loaded {'the EMA weights of ' if obj.get('kind') == 'training' else ''}{path} (step {step})")
-    return Bundle(model, model_cfg, flow_cfg, stats, obj["codec"]["name"], obj["codec"].get("version", "?"),
-                  step, str(path))
+    log.info(f"loaded {'the EMA weights of ' if w.kind == 'training' else ''}{path} (step {w.step})")
+    return Bundle(model, w.model_cfg, w.flow_cfg, w.stats, w.codec["name"], w.codec["version"], w.step, str(path))
 
 
 def config_mismatch(saved: dict, wanted: dict) -> list[str]:

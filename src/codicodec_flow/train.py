@@ -1,7 +1,7 @@
-"""The training loop: two-stream flow matching, AdamW, EMA, bf16, gradient accumulation, DDP, resume.
+"""The training loop: two-stream flow matching, AdamW, EMA, bf16, gradient accumulation, DDP, resume, fine-tuning.
 
-Read top to bottom: plan the run (fresh or resumed configs) -> set up (data, model, optimiser,
-resume) -> loop (one optimiser step; log, validate, write an audio sample, save) -> final save.
+Read top to bottom: plan the run (fresh, fine-tuned from another run's weights, or resumed configs) -> set up
+(data, model, optimiser, resume) -> loop (one optimiser step; log, validate, write an audio sample, save) -> final save.
 Launch with `torchrun` for several processes (NCCL on GPUs, gloo on CPU); rank 0 validates,
 writes checkpoints and logs.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import LAST, TrainingCheckpoint, config_mismatch, load_training, save_training
+from .checkpoint import LAST, TrainingCheckpoint, Weights, config_mismatch, load_training, load_weights, save_training
 from .codec import CHUNK_SECONDS, load_codec
 from .codec.audio import write_wav
 from .codec.prompt import decode_latents
@@ -49,19 +49,32 @@ class Run:
     model: ModelConfig
     flow: FlowConfig
     resume_from: TrainingCheckpoint | None  # the run's last.pt when resuming
+    init_from: Weights | None = None  # the weights a new run starts from (train --init-from)
+
+    @property
+    def origin(self) -> dict | None:
+        """{"path", "step"} of the checkpoint this run was started from, kept through resumes; None if from scratch."""
+        if self.init_from is not None:
+            return self.init_from.record
+        return None if self.resume_from is None else self.resume_from.init_from
 
 
 def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str | None = None,
-             resume: bool = False) -> Run:
-    """Configs for a run: fresh (preset, "default" if None, + given flags) or resumed (the checkpoint's configs;
-    given flags, a given preset included, must agree with them)."""
+             resume: bool = False, init_from: str | None = None) -> Run:
+    """Configs for a run: fresh (preset, "default" if None, + given flags), fine-tuned (`init_from`'s model config,
+    its flow config unless given) or resumed (the checkpoint's configs; given flags, a given preset included,
+    must agree with them)."""
     train = TrainConfig(**train_given)
     last = Path(train.out_dir) / LAST
     if preset is not None and preset not in MODEL_PRESETS:
         raise FlowError(f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
+    if resume and init_from is not None:
+        raise FlowError("--init-from starts a new run and --resume continues the run in --out-dir: give one of them")
     if not resume:
         if last.exists():
             raise FlowError(f"{last} exists: pass --resume to continue that run, or choose a new --out-dir")
+        if init_from is not None:
+            return _fine_tune_run(train, model_given, flow_given, preset, init_from)
         preset = preset or "default"
         try:
             return Run(train, replace(MODEL_PRESETS[preset], **model_given), FlowConfig(**flow_given), None)
@@ -71,16 +84,35 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
         raise CheckpointError(f"--resume: no {last} to resume from")
     ckpt = load_training(last)
     saved = ckpt.configs
-    problems = (config_mismatch(saved["model"], model_given) + config_mismatch(saved["flow"], flow_given)
+    problems = (_shape_mismatch(saved["model"], model_given, preset) + config_mismatch(saved["flow"], flow_given)
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
-    if preset is not None:  # the sizes the preset implies, where no size flag overrides them
-        implied = {k: v for k, v in asdict(MODEL_PRESETS[preset]).items()
-                   if k not in model_given and k in saved["model"]}
-        problems += [f"--preset {preset} gives {p}" for p in config_mismatch(saved["model"], implied)]
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
     train = replace(config_from_dict(TrainConfig, saved["train"]), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
+
+
+def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, preset: str | None, path: str) -> Run:
+    """A new run from another run's weights: their model shape (size flags must agree), flow settings anew or theirs."""
+    source = load_weights(path)
+    problems = _shape_mismatch(asdict(source.model_cfg), model_given, preset)
+    if problems:
+        raise CheckpointError(f"{path}: --init-from cannot change the model's shape ({'; '.join(problems)}); leave out "
+                              f"the size flags and --preset, the shape comes from the checkpoint")
+    try:
+        return Run(train, source.model_cfg, replace(source.flow_cfg, **flow_given), None, source)
+    except ValueError as exc:
+        raise FlowError(str(exc)) from None
+
+
+def _shape_mismatch(saved_model: dict, model_given: dict, preset: str | None) -> list[str]:
+    """Where the size flags, and the sizes a given preset implies (unless a flag overrides them), differ from a
+    checkpoint's model config."""
+    problems = config_mismatch(saved_model, model_given)
+    if preset is not None:
+        implied = {k: v for k, v in asdict(MODEL_PRESETS[preset]).items() if k not in model_given and k in saved_model}
+        problems += [f"--preset {preset} gives {p}" for p in config_mismatch(saved_model, implied)]
+    return problems
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -161,7 +193,7 @@ class Trainer:
     def save(self) -> None:
         cfg = self.run.train
         save_training(cfg.out_dir, self.model, self.ema, self.opt, self.sched, self.step, _configs(self.run),
-                      self.data.stats, self.codec, {"seed": cfg.seed, "world": self.world})
+                      self.data.stats, self.codec, {"seed": cfg.seed, "world": self.world}, self.run.origin)
 
 
 def setup(run: Run) -> Trainer:
@@ -176,11 +208,18 @@ def setup(run: Run) -> Trainer:
     data = load_latents(cfg.data_dir, cfg.val_fraction)
     if run.resume_from is not None:
         data = _resume_data(data, run.resume_from, cfg.data_dir)
+    if run.init_from is not None:
+        data = _fine_tune_data(data, run.init_from, cfg.data_dir)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = FlowDiT(mcfg).to(device)
     ema = copy.deepcopy(model).float().requires_grad_(False)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    if run.init_from is not None:  # both start from the source's EMA weights; optimiser and schedule are new
+        run.init_from.load_into(model)
+        run.init_from.load_into(ema)
+        log.info(f"starting from the {'EMA ' if run.init_from.kind == 'training' else ''}weights of "
+                 f"{run.init_from.path} (its step {run.init_from.step}); this run counts its own steps from 0")
     step = 0 if run.resume_from is None else run.resume_from.restore(model, ema, opt, sched)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     val_set = validation_crops(data.val, data.stats, cfg.crop_tokens // mcfg.chunk_tokens, cfg.val_crops)
@@ -238,7 +277,8 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
         stale = remove_stale_temporaries(out, recursive=True)
         if stale:
             log.info(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted save")
-        write_text_atomic(json.dumps(_configs(run), indent=1), out / "config.json")
+        origin = {} if run.origin is None else {"init_from": run.origin}
+        write_text_atomic(json.dumps({**_configs(run), **origin}, indent=1), out / "config.json")
     if sample_hook is None and cfg.audio_sample_every > 0:
         sample_hook = audio_sample_hook(cfg.audio_continuation)
     monitor = Monitor(out, cfg.max_steps, cfg.tui, tr.header()) if tr.main else QuietMonitor()
@@ -314,6 +354,17 @@ def _resume_data(data: LatentData, ckpt: TrainingCheckpoint, data_dir: str) -> L
         log.warning(f"the latent statistics of {data_dir} changed since the run started (files added or "
                     f"re-encoded?); the run keeps its original normalisation")
     return replace(data, stats=saved)
+
+
+def _fine_tune_data(data: LatentData, source: Weights, data_dir: str) -> LatentData:
+    """A fine-tune keeps the normalisation its weights were trained with; latents from another codec are refused."""
+    codec = source.codec
+    if (data.codec, data.codec_version) != (codec["name"], codec["version"]):
+        raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but {source.path} was "
+                              f"trained on {codec['name']} {codec['version']}; preprocess the audio with that codec")
+    log.info(f"latent normalisation: the statistics of {source.path}, which its weights were trained with "
+             f"(not those of {data_dir})")
+    return replace(data, stats=source.stats)
 
 
 def _configs(run: Run) -> dict:

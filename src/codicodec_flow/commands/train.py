@@ -1,4 +1,4 @@
-"""`codicodec-flow train`: train the flow model on latent shards (fresh, or resumed from last.pt)."""
+"""`codicodec-flow train`: train the flow model on latent shards (fresh, from another run's weights, or resumed)."""
 from __future__ import annotations
 
 import argparse
@@ -51,8 +51,8 @@ def register(sub) -> None:
     p.add_argument("--out-dir", required=True, help="run folder: last.pt, ema.pt, metrics.jsonl, samples/")
     add_device(p)
     p.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
-                   help="model size: default (~101 M), small (~21 M), tiny (tests); with --resume it must be the "
-                        "run's own (default: default; with --resume, the run's)")
+                   help="model size: default (~101 M), small (~21 M), tiny (tests); with --resume or --init-from it "
+                        "must be the checkpoint's (default: default; with --resume or --init-from, the checkpoint's)")
     _add_flags(p, _TRAIN_FLAGS, TrainConfig("", ""))
     _add_flags(p, _MODEL_FLAGS, ModelConfig())
     _add_flags(p, _FLOW_FLAGS, FlowConfig())
@@ -60,6 +60,9 @@ def register(sub) -> None:
                    help="audio samples continue a validation prompt (default: unconditional)")
     p.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live dashboard")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    p.add_argument("--init-from", metavar="CKPT", default=None,
+                   help="start a new run from the weights of CKPT (an ema.pt, or a last.pt's EMA weights), keeping its "
+                        "model shape and latent normalisation; optimiser, schedule and steps start afresh")
     p.set_defaults(func=run)
 
 
@@ -68,7 +71,7 @@ def run(a: argparse.Namespace) -> int:
              "tui": interactive() and not a.no_tui}
     if a.audio_continuation:
         given["audio_continuation"] = True
-    run = plan_run(given, _given(a, _MODEL_FLAGS), _given(a, _FLOW_FLAGS), a.preset, a.resume)
+    run = plan_run(given, _given(a, _MODEL_FLAGS), _given(a, _FLOW_FLAGS), a.preset, a.resume, a.init_from)
     metrics = run_train(run)
     print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoints in {a.out_dir}/ (ema.pt for sampling, last.pt to resume)")
