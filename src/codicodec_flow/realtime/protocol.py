@@ -254,10 +254,15 @@ class _Server(socketserver.ThreadingTCPServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        """ThreadingMixIn's, with the slot freed before the socket closes: a client that saw its
+        connection end may connect again at once (releasing after the close raced with it)."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self._release()
+            self.shutdown_request(request)
 
     def _release(self) -> None:
         with self._count:
