@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from codicodec_flow.evaluation.bench import BenchConfig, run_bench
 from codicodec_flow.commands.cli import main
 
@@ -15,6 +18,8 @@ def test_bench_reports_every_section():
     for g in r["generation"]:
         assert g["cached_s"] > 0 and g["rerun_s"] > 0 and g["with_codec_s"] > g["cached_s"]
         assert g["first_chunk_latency_s"] > 0
+        assert g["bandwidth_floor_s"] > 0 and g["over_floor"] == pytest.approx(g["cached_s"] / g["bandwidth_floor_s"])
+    assert r["bandwidth_gb_s"] > 0
     assert r["long_stream"]["chunks"] == 25 and r["long_stream"]["memory_mb_late"] > 0
     assert r["training"][0]["tokens_per_s"] > 0
     assert r["realtime"]["chunks"] == 5 and r["realtime"]["rtf"] > 0
@@ -65,3 +70,13 @@ def test_bench_cli_reports_the_figure_under_load(capsys):
                  "--codec", "spectral", "--context-chunks", "4", "--threads", "1", "--competing-load", "1"]) == 0
     assert "realtime engine beside 1 busy process(es), 1 thread(s): sustained" in capsys.readouterr().out
     assert main(["bench", "--sizes", "tiny", "--codec", "none", "--competing-load", "1"]) == 2
+
+
+def test_streamed_bytes_leave_out_what_the_generator_keeps_per_time():
+    from codicodec_flow.config import MODEL_PRESETS
+    from codicodec_flow.evaluation.bench import streamed_bytes
+    from codicodec_flow.model import FlowDiT
+    model = FlowDiT(MODEL_PRESETS["tiny"])
+    kept = sum(p.numel() for m in (model.time, model.ada_out, *(b.ada for b in model.blocks)) for p in m.parameters())
+    assert streamed_bytes(model) == 4 * (model.num_params() - kept) and kept > 0
+    assert streamed_bytes(model.to(torch.bfloat16)) == 2 * (model.num_params() - kept)

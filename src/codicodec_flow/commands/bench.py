@@ -64,15 +64,16 @@ def run(a: argparse.Namespace) -> int:
 
 def print_report(report: dict, json_path: str | None = None) -> None:
     console = Console(width=None if sys.stdout.isatty() else 150)
-    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')}")
+    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')} | "
+                  f"matrix-vector bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
     t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
-    for col in ("model", "solver", "NFE", "cached ms", "RTF", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
-                "first chunk ms"):
+    for col in ("model", "solver", "NFE", "cached ms", "RTF", "x bandwidth floor", "re-run ms", "cache speed-up",
+                "+codec ms", "RTF w/ codec", "first chunk ms"):
         t.add_column(col, justify="right")
     ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
     for r in report["generation"]:
         t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), ms(r["cached_s"]),
-                  f"{r['cached_rtf']:.1f}x", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
+                  f"{r['cached_rtf']:.1f}x", f"{r['over_floor']:.1f}" if "over_floor" in r else "—", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
                   ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
                   ms(r["first_chunk_latency_s"]))
     console.print(t)

@@ -107,7 +107,32 @@ def _model(size: str, cfg: BenchConfig, device) -> FlowDiT:
     return FlowDiT(replace(MODEL_PRESETS[size], context_chunks=cfg.context_chunks)).to(device).eval()
 
 
-def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say) -> list[dict]:
+def bandwidth_gb_s(device: torch.device, megabytes: int = 64, repeats: int = 15) -> float:
+    """Memory bandwidth a plain matrix product reaches on this device: 8 tokens through a `megabytes` fp32 matrix
+    (too large for any cache), as a cached generation step does; GB/s, median of `repeats`."""
+    n = int((megabytes * 2**20 / 4) ** 0.5)
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(n, n, generator=g).to(device), torch.randn(TOKENS_PER_CHUNK, n, generator=g).to(device)
+    times = []
+    for i in range(repeats + 3):  # 3 warm-ups
+        sync(device)
+        t0 = time.perf_counter()
+        x @ w.T
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return n * n * w.element_size() / _median(times) / 1e9
+
+
+def streamed_bytes(model: FlowDiT) -> int:
+    """Bytes of weights one cached evaluation reads: all but the time embedding and the adaLN projections, whose
+    outputs the generator keeps per time value."""
+    kept = [model.time, model.ada_out, *(block.ada for block in model.blocks)]
+    skip = {id(p) for module in kept for p in module.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandwidth: float | None = None) -> list[dict]:
     model = _model(size, cfg, device)
     stats = LatentStats.identity()
     prompt = torch.randn(cfg.context_chunks, TOKENS_PER_CHUNK, LATENT_DIM, generator=torch.Generator().manual_seed(1))
@@ -130,6 +155,9 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say) -> li
             row = {"size": size, "params_m": model.num_params() / 1e6, "solver": solver, "nfe": nfe,
                    "context_chunks": cfg.context_chunks, "cached_s": cached, "cached_rtf": CHUNK_SECONDS / cached,
                    "first_chunk_latency_s": first}
+            if bandwidth:  # NFE evaluations + the pass that appends the chunk, each reading the streamed weights once
+                floor = (gen.evals + 1) * streamed_bytes(model) / (bandwidth * 1e9)
+                row.update(bandwidth_floor_s=floor, over_floor=cached / floor)
             if cfg.rerun_chunks > 0:
                 ref = WindowRerunGenerator(model, stats, sc, device, amp)
                 ref.prefill(prompt)
@@ -217,8 +245,10 @@ def run_bench(cfg: BenchConfig, say=log.info) -> dict:
         codec = load_codec(name, device)
         report["codec"] = f"{codec.name} {codec.version}"
     say(f"machine: {report['machine']}")
+    report["bandwidth_gb_s"] = bandwidth_gb_s(device)
+    say(f"  memory bandwidth of a matrix-vector product: {report['bandwidth_gb_s']:.1f} GB/s")
     for size in cfg.sizes:
-        report["generation"] += bench_generation(size, cfg, device, amp, codec, say)
+        report["generation"] += bench_generation(size, cfg, device, amp, codec, say, report["bandwidth_gb_s"])
     if cfg.long_chunks > 0:
         report["long_stream"] = bench_long_stream(cfg.sizes[0], cfg, device, amp, say)
     for size in cfg.sizes:
