@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from codicodec_flow.config import ModelConfig, SampleConfig
-from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator, WindowRerunGenerator
 from codicodec_flow.model import FlowDiT
 from codicodec_flow.latents import LatentStats

@@ -1,6 +1,5 @@
 """Real-time streaming, headless: controls, seed crossfades, steering, the engine with null and wav sinks,
 throttling and underruns, live input from a WAV, the command end to end and the benchmark."""
-import argparse
 import functools
 import sys
 import time

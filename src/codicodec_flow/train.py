@@ -346,10 +346,8 @@ def audio_sample_hook(continuation: bool = False, seconds: float = 8.0, codec_ck
 
 def _resume_data(data: LatentData, ckpt: TrainingCheckpoint, data_dir: str) -> LatentData:
     """A resumed run keeps the normalisation it started with; latents from another codec are refused."""
-    codec, saved = ckpt.codec, ckpt.stats
-    if (data.codec, data.codec_version) != (codec["name"], codec.get("version")):
-        raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but the run was trained on "
-                              f"{codec['name']} {codec.get('version')}; resume with the original latent folder")
+    _check_codec(data, ckpt.codec, data_dir, "the run", "resume with the original latent folder")
+    saved = ckpt.stats
     if not torch.allclose(saved.mean, data.stats.mean, atol=0.05) or not torch.allclose(saved.std, data.stats.std, rtol=0.05):
         log.warning(f"the latent statistics of {data_dir} changed since the run started (files added or "
                     f"re-encoded?); the run keeps its original normalisation")
@@ -358,13 +356,17 @@ def _resume_data(data: LatentData, ckpt: TrainingCheckpoint, data_dir: str) -> L
 
 def _fine_tune_data(data: LatentData, source: Weights, data_dir: str) -> LatentData:
     """A fine-tune keeps the normalisation its weights were trained with; latents from another codec are refused."""
-    codec = source.codec
-    if (data.codec, data.codec_version) != (codec["name"], codec["version"]):
-        raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but {source.path} was "
-                              f"trained on {codec['name']} {codec['version']}; preprocess the audio with that codec")
+    _check_codec(data, source.codec, data_dir, str(source.path), "preprocess the audio with that codec")
     log.info(f"latent normalisation: the statistics of {source.path}, which its weights were trained with "
              f"(not those of {data_dir})")
     return replace(data, stats=source.stats)
+
+
+def _check_codec(data: LatentData, codec: dict, data_dir: str, trained: str, fix: str) -> None:
+    """Refuse latents of another codec (name or version) than the weights were trained on."""
+    if (data.codec, data.codec_version) != (codec["name"], codec.get("version")):
+        raise CheckpointError(f"{data_dir} holds {data.codec} {data.codec_version} latents but {trained} was trained "
+                              f"on {codec['name']} {codec.get('version')}; {fix}")
 
 
 def _configs(run: Run) -> dict:

@@ -1,4 +1,4 @@
-import sys, torch, shutil
+import sys, torch
 sys.path.insert(0, "/work/main/tests")
 from pathlib import Path
 from conftest import write_audio
