@@ -163,3 +163,24 @@ def test_batched_prefill_equals_chunk_by_chunk_appends():
     assert a.n == b.n == 3
     with pytest.raises(ValueError, match="empty cache"):
         m.prefill(ctx, t, a)
+
+
+def test_hours_into_a_stream_the_step_is_as_exact_as_at_its_start():
+    """Keys are rotated once at absolute positions: a stream 10 hours in (~420 000 tokens) must give the
+    velocities of the same context near position 0: no worse than a shift of a few chunks (float32 rounding of
+    any rotation), because the tables are computed in float64 and no key is rotated twice."""
+    m = randomised()
+    g = torch.Generator().manual_seed(5)
+    ctx, x = torch.randn(1, 5, 8, 64, generator=g), torch.randn(1, 8, 64, generator=g)
+    s, t = torch.full((1, 8), 0.02), torch.full((1, 8), 0.7)
+    late_n = 10 * 3600 * 48_000 // 32_768  # chunks in ten hours
+    out = []
+    with torch.no_grad():
+        for start in (0, 7, late_n):
+            cache = m.new_cache(1)
+            cache.n = start  # as if `start` chunks had already streamed through
+            for i in range(5):  # > window 3: every slot rewritten, the ring wrapped
+                m.append_context(ctx[:, i], s, cache)
+            out.append(m.forward_cached(x, t, cache))
+    near, late = (out[1] - out[0]).abs().max(), (out[2] - out[0]).abs().max()
+    assert late <= 1.01 * near + 1e-6 and late < 1e-4, (near, late)
