@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from codicodec_flow.config import MODEL_PRESETS, ModelConfig
-from codicodec_flow.model import FlowDiT, clean_mask, stream_mask
+from codicodec_flow.model import Chunk, FlowDiT, clean_mask, stream_mask
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=3)
 
@@ -184,3 +184,47 @@ def test_hours_into_a_stream_the_step_is_as_exact_as_at_its_start():
             out.append(m.forward_cached(x, t, cache))
     near, late = (out[1] - out[0]).abs().max(), (out[2] - out[0]).abs().max()
     assert late <= 1.01 * near + 1e-6 and late < 1e-4, (near, late)
+
+
+@pytest.mark.parametrize("active", [None, 2])
+def test_joined_pass_equals_append_then_step(active):
+    """The fused commit: a finished chunk joining the context in the same pass as the next chunk's first
+    evaluation gives that evaluation's velocity and the cache contents of two separate passes, also after
+    the ring has wrapped (the joining chunk overwrites the slot the new chunk must no longer see)."""
+    m = randomised()
+    g = torch.Generator().manual_seed(7)
+    ctx, xs = torch.randn(2, 7, 8, 64, generator=g), torch.randn(2, 7, 8, 64, generator=g)
+    s, t = torch.full((2, 8), 0.02), torch.rand(2, 1, generator=g).expand(2, 8)
+    a, b = m.new_cache(2), m.new_cache(2)
+    a.set_active(active), b.set_active(active)
+    with torch.no_grad():
+        for i in range(7):  # window 3: wraps twice
+            m.append_context(ctx[:, i], s, a)
+            want = m.forward_cached(xs[:, i], t, a)
+            got = m.forward_cached(xs[:, i], t, b, join=Chunk(ctx[:, i], s, None, "context"))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            assert a.n == b.n == i + 1
+            torch.testing.assert_close(b.k[..., :24, :], a.k[..., :24, :], atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.v[..., :24, :], a.v[..., :24, :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_guided_pass_equals_two_passes(joined):
+    """Classifier-free guidance batched into one pass equals the conditional and unconditional passes apart."""
+    m = randomised()
+    g = torch.Generator().manual_seed(8)
+    ctx, x = torch.randn(1, 5, 8, 64, generator=g), torch.randn(1, 8, 64, generator=g)
+    s, t = torch.full((1, 8), 0.02), torch.full((1, 8), 0.6)
+    a, b = m.new_cache(1), m.new_cache(1)
+    with torch.no_grad():
+        for i in range(4):
+            m.append_context(ctx[:, i], s, a), m.append_context(ctx[:, i], s, b)
+        join = None
+        if joined:
+            m.append_context(ctx[:, 4], s, a)
+            join = Chunk(ctx[:, 4], s, None, "context")
+        v_c = m.forward_cached(x, t, a)
+        v_u = m.forward_cached(x, t, a, use_context=False)
+        got = m.forward_guided(x, t, b, 2.5, join=join)
+    torch.testing.assert_close(got, v_u + 2.5 * (v_c - v_u), atol=1e-4, rtol=0)
+    assert not torch.allclose(v_c, v_u, atol=1e-3)  # the branches differ, so the test can fail

@@ -1,7 +1,7 @@
 """KVCache: preallocated, static-shape key/value buffers for streaming one chunk at a time.
 
 Layout along the token axis of every buffer: a ring of W chunk slots (chunk n lives in slot n % W),
-then 8 scratch slots for the chunk being evaluated. Keys are stored rotated once, at their own
+then 3 x 8 scratch slots for the chunks of one pass (see `group`). Keys are stored rotated once, at their own
 absolute positions (chunk n's tokens sit at n * 8 + j); because rotary attention depends only on
 offsets, a later query rotated at its own absolute position sees exactly the offsets training saw.
 The tables are computed in float64 per chunk, so position four million is as exact as position 0 and
@@ -10,12 +10,15 @@ rotated twice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import ModelConfig
 from .rope import apply_rope, rope_table
+
+ROLES = ("context", "cond", "uncond")
+SCRATCH_CHUNKS = 3  # one pass can carry a finished chunk joining the context, the new chunk and its unguided twin
 
 
 @dataclass
@@ -27,14 +30,12 @@ class KVCache:
     rope_base: float
     n: int = 0  # chunks appended so far = absolute index of the chunk being evaluated
     active: int | None = None  # attend to only the last `active` chunks (None: the whole window W)
-    _prepared_for: int = -1
-    _rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the new chunk's rotation tables, (8, hd) each
-    _masks: tuple[torch.Tensor | None, torch.Tensor] | None = None
+    _groups: dict = field(default_factory=dict)  # (n, active, roles) -> (mask, rotation tables)
 
     @staticmethod
     def empty(cfg: ModelConfig, batch: int, device, dtype) -> "KVCache":
         hd = cfg.dim // cfg.n_heads
-        shape = (cfg.n_layers, batch, cfg.n_heads, (cfg.context_chunks + 1) * cfg.chunk_tokens, hd)
+        shape = (cfg.n_layers, batch, cfg.n_heads, (cfg.context_chunks + SCRATCH_CHUNKS) * cfg.chunk_tokens, hd)
         return KVCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype),
                        window=cfg.context_chunks, chunk_tokens=cfg.chunk_tokens, rope_base=cfg.rope_base)
 
@@ -42,57 +43,70 @@ class KVCache:
     def ring_tokens(self) -> int:
         return self.window * self.chunk_tokens
 
-    @property
-    def query_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotation tables for the chunk being evaluated (positions n * 8 + j), (8, hd) each; after prepare()."""
-        return self._rope
-
     def reset(self) -> None:
         """Forget the past (buffers are kept; masks hide stale slots)."""
-        self.n, self._prepared_for, self._masks = 0, -1, None
+        self.n = 0
+        self._groups.clear()
 
     def set_active(self, chunks: int | None) -> None:
         """Limit attention to the last `chunks` chunks (1..W), e.g. a live control; None restores W."""
         if chunks is not None and not 1 <= chunks <= self.window:
             raise ValueError(f"context must be 1..{self.window} chunks, got {chunks}")
         self.active = None if chunks == self.window else chunks
-        self._prepared_for = -1
 
-    def prepare(self) -> None:
-        """The new chunk's rotation tables and the masks of which slots it sees; once per chunk, not per step."""
-        if self._prepared_for == self.n:
-            return
-        W, T = self.window, self.chunk_tokens
+    def group(self, roles: tuple[str, ...]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """Mask (1, 1, G * 8, R + G * 8) and rotation tables (G * 8, hd) for G chunks evaluated in one pass.
+
+        roles, in scratch order: "context" (only first: a finished chunk joining as chunk n; it sees the ring
+        and itself), "cond" (the new chunk, n or n + 1 after a context chunk; it sees the ring, the context chunk
+        and itself), "uncond" (the same chunk without context: only itself). The mask is None where every
+        key is seen (one conditional chunk once the window is full): no masking cost in the steady state.
+        Computed once per chunk and roles, not per step.
+        """
+        key = (self.n, self.active, roles)
+        if key not in self._groups:
+            if len(self._groups) > 8:
+                self._groups.clear()
+            self._groups[key] = self._build_group(roles)
+        return self._groups[key]
+
+    def _build_group(self, roles: tuple[str, ...]):
+        W, T, G = self.window, self.chunk_tokens, len(roles)
+        if "context" in roles[1:] or G > SCRATCH_CHUNKS or not set(roles) <= set(ROLES):
+            raise ValueError(f"roles {roles}: a context chunk comes first, at most {SCRATCH_CHUNKS} chunks")
+        joined = roles[0] == "context"
         device = self.k.device
-        self._rope = rope_table(torch.arange(self.n * T, (self.n + 1) * T), self.k.shape[-1], self.rope_base, device)
-        age = (self.n - torch.arange(W) - 1) % W + 1  # slot s holds the chunk `age` steps back
-        valid = torch.zeros(W + 1, dtype=torch.bool)
-        valid[:W] = (torch.arange(W) < min(self.n, W)) & (age <= (self.active or W))  # written, inside the window
-        valid[W] = True  # scratch: the chunk itself
-        ctx = valid.repeat_interleave(T).to(device)[None, None, None]  # (1, 1, 1, (W + 1) * 8)
-        own = torch.zeros_like(ctx)
-        own[..., self.ring_tokens:] = True
-        self._masks = (None if bool(valid.all()) else ctx, own)  # no mask at all in the steady state
-        self._prepared_for = self.n
+        slot_chunk = self.n - 1 - (self.n - 1 - torch.arange(W)) % W  # (W,) the chunk each ring slot holds
+        rows, positions = [], []
+        for g, role in enumerate(roles):
+            e = self.n + (joined and g > 0)  # the chunk index this one is evaluated as
+            ring = (slot_chunk >= 0) & (e - slot_chunk <= (self.active or W))  # written, inside its window
+            if role == "uncond":
+                ring = torch.zeros(W, dtype=torch.bool)
+            scratch = torch.zeros(G, dtype=torch.bool)
+            scratch[g] = True  # itself
+            scratch[0] |= joined and role == "cond"  # the chunk that joins the context before it
+            rows.append(torch.cat([ring, scratch]).repeat_interleave(T)[None].expand(T, -1))  # (8, R + G * 8)
+            positions.append(torch.arange(e * T, (e + 1) * T))
+        mask = torch.cat(rows).to(device)[None, None]  # (1, 1, G * 8, R + G * 8)
+        rope = rope_table(torch.cat(positions), self.k.shape[-1], self.rope_base, device)  # (G * 8, hd) each
+        return (None if bool(mask.all()) else mask), rope
 
-    def query_mask(self, use_context: bool) -> torch.Tensor | None:
-        """Which cache slots the new chunk's queries may see (None: all of them)."""
-        return self._masks[0] if use_context else self._masks[1]
-
-    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put the new chunk's k (projected, not yet rotated) and v (B, H, 8, hd) into the scratch slots;
-        return this layer's keys and values, ring + scratch."""
-        R = self.ring_tokens
-        self.k[layer, :, :, R:] = apply_rope(k, *self._rope)
-        self.v[layer, :, :, R:] = v
-        return self.k[layer], self.v[layer]
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the group's k (projected, rotated here with its tables) and v (B, H, G * 8, hd) into the scratch
+        slots; return this layer's keys and values over the ring and those G chunks."""
+        R, end = self.ring_tokens, self.ring_tokens + k.shape[2]
+        self.k[layer, :, :, R:end] = apply_rope(k, *rope)
+        self.v[layer, :, :, R:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def append_scratch(self) -> None:
-        """Move the scratch chunk into its ring slot: it becomes context for the chunks after it."""
+        """Move the first scratch chunk (a "context" one) into its ring slot: context for the chunks after it."""
         T, R = self.chunk_tokens, self.ring_tokens
         slot = (self.n % self.window) * T
-        self.k[..., slot:slot + T, :] = self.k[..., R:, :]
-        self.v[..., slot:slot + T, :] = self.v[..., R:, :]
+        self.k[..., slot:slot + T, :] = self.k[..., R:R + T, :]
+        self.v[..., slot:slot + T, :] = self.v[..., R:R + T, :]
         self.n += 1
 
     def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -106,4 +120,4 @@ class KVCache:
 
     def mark_prefilled(self, n: int) -> None:
         """The first n chunks are stored (store_prefix on every layer): the next chunk evaluated is chunk n."""
-        self.n, self._prepared_for = n, -1
+        self.n = n

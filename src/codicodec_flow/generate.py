@@ -1,14 +1,17 @@
 """Streaming generation: prefill a prompt into the cache, then one chunk at a time, at constant cost.
 
 Per chunk: draw noise x(1) = temperature * eps, integrate the flow ODE to t = 0 evaluating only the
-new chunk's 8 tokens against the cache (the cache is read, never changed), then add the finished
-chunk once, lightly re-noised to `context_noise` (the level the model was trained to expect on its
-context), to the cache as context. Memory and time per chunk stay flat however long the stream runs.
+new chunk's 8 tokens against the cache, then add the finished chunk, lightly re-noised to
+`context_noise` (the level the model was trained to expect on its context), to the cache as context.
+That addition rides along the next chunk's first evaluation (one pass, one read of the weights:
+NFE passes per chunk instead of NFE + 1); `flush()` makes it at once. Memory and time per chunk stay
+flat however long the stream runs.
 
 Temperature: the ODE starts from temperature * N(0, I) instead of N(0, I) (pingpong also scales the
 noise it re-injects). Below 1 the output is more conservative, above 1 more varied.
 Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), with the model's own
-unconditional branch (the chunk attends only to itself); cfg_scale = 1 skips it.
+unconditional branch (the chunk attends only to itself), evaluated in the same pass as the conditional
+one; cfg_scale = 1 skips it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 from .config import SampleConfig
 from .errors import FlowError
 from .latents import LatentStats, denormalise, normalise
-from .model import FlowDiT, clean_mask
+from .model import Chunk, FlowDiT, clean_mask
 from .solvers import get_solver, integrate, steps_for
 from .util.devices import autocast
 
@@ -36,6 +39,7 @@ class StreamGenerator:
         self.chunks_done = 0
         self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
         self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk
+        self._pending: torch.Tensor | None = None  # a context chunk (B, 8, 64) waiting to join the next pass
 
     @property
     def evals(self) -> int:
@@ -78,12 +82,29 @@ class StreamGenerator:
         self._append(self._to_context(x))
 
     def _append(self, ctx: torch.Tensor) -> None:
+        """Queue a re-noised context chunk: it joins the cache in the next chunk's first pass (or at flush())."""
+        self.flush()
+        self._pending = ctx
+
+    def _joining(self) -> Chunk | None:
+        """The queued context chunk as the leading chunk of a pass, and the queue emptied."""
+        if self._pending is None:
+            return None
+        ctx, self._pending = self._pending, None
         s = self.cfg.context_noise
-        with autocast(self.device, self.amp):
-            self.model.append_context(ctx, self._times(s), self.cache, mods=self.modulations(s))
+        return Chunk(ctx, self._times(s), self.modulations(s), "context")
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Add a queued context chunk to the cache now, in a pass of its own (the cache then holds every chunk)."""
+        join = self._joining()
+        if join is not None:
+            with autocast(self.device, self.amp):
+                self.model.append_context(join.x, join.t, self.cache, mods=join.mods)
 
     def _append_many(self, ctx: torch.Tensor) -> None:
         """Context chunks (B, n, 8, 64): one batched prefill pass into an empty cache, else one append each."""
+        self.flush()
         if self.cache.n == 0:
             times = torch.full(ctx.shape[:2], self.cfg.context_noise, device=self.device).repeat_interleave(self.tokens, 1)
             with autocast(self.device, self.amp):
@@ -104,12 +125,11 @@ class StreamGenerator:
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
         mods = self.modulations(float(t[0, 0]))  # solvers give the whole chunk one time
+        join = self._joining()  # the chunk before, if it still waits to become context
         with autocast(self.device, self.amp):
-            v = self.model.forward_cached(x, t, self.cache, mods=mods).float()
             if self.cfg.cfg_scale != 1.0:
-                v_u = self.model.forward_cached(x, t, self.cache, use_context=False, mods=mods).float()
-                v = v_u + self.cfg.cfg_scale * (v - v_u)
-        return v
+                return self.model.forward_guided(x, t, self.cache, self.cfg.cfg_scale, mods=mods, join=join)
+            return self.model.forward_cached(x, t, self.cache, mods=mods, join=join).float()
 
     def shape_output(self, x0: torch.Tensor) -> torch.Tensor:
         """What becomes of a finished normalised chunk (B, 8, 64) before it is kept and returned (live steering)."""

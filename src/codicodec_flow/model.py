@@ -3,13 +3,15 @@
 Attention is bidirectional inside a chunk of 8 tokens, causal across chunks and limited to a
 sliding window of `context_chunks` past chunks. `forward` runs any token layout under an explicit
 boolean mask (training uses two streams, see flow.py); `forward_cached` evaluates one new chunk
-against a KVCache without changing it, and `append_context` runs a finished chunk into the cache
-as context (`prefill` does so for up to W chunks at once). They compute the same function: rotary positions make
+against a KVCache, and `append_context` runs a finished chunk into the cache as context (`prefill`
+does so for up to W chunks at once; `forward_cached(join=...)` and `forward_guided` carry a joining
+chunk or the unguided branch in the same pass). They compute the same function: rotary positions make
 attention depend only on token offsets, so the cache can use window-relative positions.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -181,28 +183,67 @@ class FlowDiT(nn.Module):
         cache.mark_prefilled(n)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, use_context: bool = True,
-                       mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past; the ring is only read.
+                       mods: tuple[torch.Tensor, ...] | None = None, join: Chunk | None = None) -> torch.Tensor:
+        """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
 
         use_context=False ignores the past (the unconditional branch for classifier-free guidance).
         `mods`: precomputed conditioning(t), e.g. (1, 1, .) modulations of the chunk's single time, reused across chunks.
+        `join`: a finished chunk that becomes context first, in the same pass (it is appended to the cache, and
+        the new chunk is evaluated as the chunk after it): one read of the weights serves both.
+        Without `join` the ring is only read.
         """
-        cache.prepare()
-        mask = cache.query_mask(use_context)  # (B, 1, 1, W*8 + 8)
-        h = self.proj_in(x)  # (B, 8, D)
-        mods = self.conditioning(t) if mods is None else mods
-        for i, block in enumerate(self.blocks):
-            def attend(q, k, v, i=i):
-                keys, values = cache.stage(i, k, v)  # scratch slots hold this chunk's k (rotated), v
-                return self.blocks[i].attn.attend(q, keys, values, mask)
-            h = block(h, mods[i], cache.query_rope, attend)
-        return self._head(h, mods[-1])
+        chunks = ([join] if join is not None else []) + [Chunk(x, t, mods, "cond" if use_context else "uncond")]
+        return self._run_chunks(chunks, cache)
+
+    def forward_guided(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, scale: float,
+                       mods: tuple[torch.Tensor, ...] | None = None, join: Chunk | None = None) -> torch.Tensor:
+        """Classifier-free guided velocity v_u + scale * (v_c - v_u) for x (B, 8, 64), the conditional and the
+        unconditional branch evaluated in one pass (the weights are read once for both)."""
+        chunks = ([join] if join is not None else []) + [Chunk(x, t, mods, "cond"), Chunk(x, t, mods, "uncond")]
+        v_c, v_u = self._run_chunks(chunks, cache).float().chunk(2, dim=1)  # 2 x (B, 8, 64)
+        return v_u + scale * (v_c - v_u)
 
     def append_context(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache,
                        mods: tuple[torch.Tensor, ...] | None = None) -> None:
         """Run a finished chunk x (B, 8, 64), at its context-noise times t (B, 8), into the cache as the newest context."""
-        self.forward_cached(x, t, cache, mods=mods)  # its keys and values land in the scratch slots ...
-        cache.append_scratch()  # ... and move into the ring
+        self._run_chunks([Chunk(x, t, mods, "context")], cache)
+
+    def _run_chunks(self, chunks: list[Chunk], cache: KVCache) -> torch.Tensor | None:
+        """One pass over up to three chunks against the cache (roles: KVCache.group); returns the velocities of
+        the chunks that are not context, (B, k * 8, 64), and appends a leading context chunk to the cache."""
+        T = self.cfg.chunk_tokens
+        roles = tuple(c.role for c in chunks)
+        mask, rope = cache.group(roles)
+        mods = [c.mods if c.mods is not None else self.conditioning(c.t) for c in chunks]
+        if len(chunks) == 1:
+            per_block = mods[0]  # (B|1, 8|1, .) each, broadcast over the chunk
+        else:
+            B = chunks[0].x.shape[0]
+            per_block = tuple(torch.cat([m[i].expand(B, T, -1) for m in mods], dim=1)  # (B, G * 8, .)
+                              for i in range(len(self.blocks) + 1))
+        h = self.proj_in(torch.cat([c.x for c in chunks], dim=1))  # (B, G * 8, D)
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, i=i):
+                keys, values = cache.stage(i, k, v, rope)  # scratch slots hold these chunks' k (rotated), v
+                return self.blocks[i].attn.attend(q, keys, values, mask)
+            h = block(h, per_block[i], rope, attend)
+        skip = T if roles[0] == "context" else 0
+        if skip:
+            cache.append_scratch()  # the finished chunk's keys and values move into the ring
+            if len(chunks) == 1:
+                return None  # nothing to predict: the context chunk's own velocity is never used
+        head = per_block[-1] if per_block[-1].shape[1] == 1 else per_block[-1][:, skip:]
+        return self._head(h[:, skip:], head)  # (B, k * 8, 64)
+
+
+@dataclass
+class Chunk:
+    """One chunk of a cached pass: tokens x (B, 8, 64), times t (B, 8) or precomputed modulations, and its role
+    (KVCache.group: "context" joins the cache, "cond" sees it, "uncond" sees only itself)."""
+    x: torch.Tensor
+    t: torch.Tensor | None
+    mods: tuple[torch.Tensor, ...] | None = None
+    role: str = "context"
 
 
 def stream_mask(n_chunks: int, window: int, chunk_tokens: int = 8, uncond: torch.Tensor | None = None,
