@@ -18,6 +18,7 @@ class PreprocessConfig:
     overwrite: bool = False
     num_shards: int = 1  # split the file list into this many disjoint parts ...
     shard_index: int = 0  # ... and encode this one
+    storage: str = "auto"  # float32 | float16 (memory-mapped arrays) | pt; auto: the folder's own, float32 if new
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class TrainConfig:
     audio_continuation: bool = False  # samples continue a validation prompt instead of starting from nothing
     log_every: int = 10
     seed: int = 0
+    num_workers: int = 0  # background processes reading crops; 0 reads them in the training process
     tui: bool = True
 
 
@@ -95,6 +97,9 @@ def config_from_dict(cls, d: dict):
     """Rebuild a config dataclass from its asdict() form, ignoring keys this version does not know."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,11 @@ class SampleConfig:
     context_noise: float = 0.02  # noise level put on each finished chunk before it becomes context
     seed: int = 0
     num_samples: int = 1
+    precision: str = "fp32"  # or "int8": the transformer's linear layers as 8-bit integers (CPU; quantize.py)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.nfe < 1:
             raise ValueError(f"--nfe must be at least 1, got {self.nfe}")
         if self.temperature < 0:

@@ -21,6 +21,7 @@ from .config import SampleConfig
 from .errors import FlowError
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
+from .quantize import for_generation
 from .solvers import get_solver, integrate, steps_for
 from .util.devices import autocast
 
@@ -30,6 +31,7 @@ class StreamGenerator:
 
     def __init__(self, model: FlowDiT, stats: LatentStats, cfg: SampleConfig, device: torch.device,
                  amp: torch.dtype | None = None):
+        model = for_generation(model, cfg.precision, device)  # fp32: the model itself; int8: a quantized copy
         self.model, self.stats, self.cfg, self.device, self.amp = model, stats, cfg, torch.device(device), amp
         self.batch = cfg.num_samples
         self.steps = steps_for(cfg.solver, cfg.nfe)
