@@ -7,6 +7,7 @@ from ..config import LIVE_SAMPLING
 from ..errors import FlowError
 from ..realtime.engine import EngineConfig
 from ..realtime.live_input import LISTEN_MODES
+from ..realtime.midi import VIRTUAL_NAME, input_names
 from ..realtime.protocol import CONTROL_HELP
 from ..realtime.session import PACES, RealtimeConfig, run_realtime
 from ..realtime.sinks import SINKS
@@ -18,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser("realtime", help="play an endless stream live, steerable from keys or a JSON protocol",
                        description="Generate chunk after chunk in real time into a sound card, a WAV file or nowhere; "
                                    "steer it live; optionally accompany a live (or replayed) input.")
-    p.add_argument("--ckpt", required=True, help="ema.pt (or last.pt) from train")
+    p.add_argument("--ckpt", default=None, help="ema.pt (or last.pt) from train (required, except for --midi list)")
     add_device(p)
     add_threads(p)
     add_codec_weights(p)
@@ -56,6 +57,15 @@ def register(sub) -> None:
     c.add_argument("--osc-reply-port", type=int, default=None, metavar="PORT",
                    help="with --control osc:PORT, send replies and events to this port on the sender's host "
                         "(default: the port the sender sent from)")
+    m = p.add_argument_group("MIDI")
+    m.add_argument("--midi", default=None, metavar="PORT",
+                   help="steer from a MIDI controller: an input port's index or (part of) its name; 'virtual' opens a "
+                        f"port named {VIRTUAL_NAME} for a DAW to send to; 'list' lists the input ports and exits")
+    m.add_argument("--midi-map", default=None, metavar="FILE.json",
+                   help="knobs (CC) and pads (notes) -> controls; learn mode saves to it (default: the built-in map "
+                        "for an 8-knob controller, CC 70-77 and notes 36-39)")
+    m.add_argument("--midi-learn", default=None, metavar="CONTROL",
+                   help="bind the first knob moved to CONTROL (e.g. temperature, channel_bias/12) and save the map")
     c.add_argument("--no-keys", action="store_true", help="no single-key controls even on a terminal")
     c.add_argument("--plain", action="store_true", help="one line per chunk instead of the live status line")
     i = p.add_argument_group("live accompaniment")
@@ -68,6 +78,12 @@ def register(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.midi == "list":
+        names = input_names()
+        print("\n".join(f"{i}: {n}" for i, n in enumerate(names)) if names else "no MIDI input ports")
+        return 0
+    if a.ckpt is None:
+        raise FlowError("realtime needs --ckpt (the ema.pt or last.pt that train wrote)")
     try:
         engine = EngineConfig(prebuffer=a.prebuffer, crossfade_chunks=a.crossfade_chunks, max_chunks=a.max_chunks,
                               listen=a.listen)
@@ -79,6 +95,7 @@ def run(a: argparse.Namespace) -> int:
                          output_device=a.output_device, pace=a.pace, save=a.save, control=a.control,
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
                          plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads,
-                         osc_host=a.osc_host, osc_reply_port=a.osc_reply_port)
+                         osc_host=a.osc_host, osc_reply_port=a.osc_reply_port, midi=a.midi, midi_map=a.midi_map,
+                         midi_learn=a.midi_learn)
     run_realtime(cfg)
     return 0

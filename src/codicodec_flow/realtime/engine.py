@@ -25,7 +25,7 @@ from ..codec import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE, Codec
 from .generator import LiveGenerator
 from .live_input import LISTEN_MODES
 from .ring import AudioRing
-from .state import Controls, Limits, Update, apply_message
+from .state import ControlError, Controls, Limits, Update, apply_message
 
 Listener = Callable[[dict], None]
 STATS_WINDOW = 8192  # chunks (~93 min) kept for percentiles
@@ -93,6 +93,7 @@ class Engine:
         self._lock = threading.Lock()
         self._pending, self._seed_mode = controls, "crossfade"
         self._listeners: list[Listener] = []
+        self.midi_learn: Callable[[str], None] | None = None  # set by midi.MidiControl: arms its learn mode
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_wave: torch.Tensor | None = None  # (2, 32768) the model's latest chunk, for --listen mix
@@ -112,6 +113,10 @@ class Engine:
         """Validate and queue a control message for the next chunk; ControlError leaves everything unchanged."""
         with self._lock:
             upd = apply_message(self._pending, msg, self.limits)
+            if upd.midi_learn is not None:  # armed (and its target checked) only when the whole message is good
+                if self.midi_learn is None:
+                    raise ControlError("midi_learn needs a MIDI input: start realtime with --midi PORT")
+                self.midi_learn(upd.midi_learn)
             self._pending = upd.controls
             if upd.seed_mode is not None:
                 self._seed_mode = upd.seed_mode

@@ -17,6 +17,7 @@ from .engine import Engine, EngineConfig, Summary
 from .generator import LiveGenerator
 from .keyboard import KeyControls, RawKeys
 from .live_input import DeviceInput, WavInput
+from .midi import MidiControl, load_map, open_input
 from .osc import exposed, exposure_warning
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
@@ -50,6 +51,9 @@ class RealtimeConfig:
     threads: int | None = None  # torch's intra-op threads while generating; None: live_threads()
     osc_host: str | None = None  # the interface an osc: control listens on; None: 127.0.0.1
     osc_reply_port: int | None = None  # where OSC replies and events go on the sender's host; None: its own port
+    midi: str | None = None  # a MIDI input: "virtual", a port index or (part of) its name; None: no MIDI
+    midi_map: str | None = None  # the mapping file (JSON; learn writes it); None or absent: midi.DEFAULT_MAP
+    midi_learn: str | None = None  # bind the first knob moved to this control
 
     @property
     def paced(self) -> bool:
@@ -85,9 +89,13 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     origins = _origins(cfg)
     if (cfg.osc_host is not None or cfg.osc_reply_port is not None) and not cfg.control.startswith("osc:"):
         raise FlowError("--osc-host and --osc-reply-port apply to --control osc:PORT only")
+    if (cfg.midi_map is not None or cfg.midi_learn is not None) and cfg.midi is None:
+        raise FlowError("--midi-map and --midi-learn apply with --midi PORT only")
+    midi_map = load_map(cfg.midi_map) if cfg.midi is not None else None  # a broken file fails before the model loads
     text = sys.stderr if cfg.control == "stdin" else stdout
     with torch_threads(live_threads() if cfg.threads is None else cfg.threads) as threads, _Resources() as resources:
         sink = resources.hold(open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device)))  # no sound card: fail first
+        midi_port = resources.hold(open_input(cfg.midi)) if cfg.midi is not None else None
         dev = resolve_device(cfg.device)
         bundle = load_bundle(cfg.ckpt, dev)
         window = bundle.model_cfg.context_chunks
@@ -112,6 +120,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
                                cfg.osc_reply_port)
         if control is not None:
             resources.hold(control)
+        if midi_port is not None:
+            resources.hold(MidiControl(engine, midi_port, midi_map, cfg.midi_map, cfg.midi_learn))
         print(f"realtime: {bundle.path} on {dev} with {threads} thread{'s' * (threads > 1)}, "
               f"codec {codec.name}, sink {cfg.sink}"
               f"{' (real time)' if cfg.paced else ' (as fast as possible)'}"
@@ -122,6 +132,10 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             print(f"control: {cfg.control.split(':')[0]} on {host}:{control.port}", file=text, flush=True)
             if cfg.osc_host is not None and exposed(cfg.osc_host):
                 print(exposure_warning(host, control.port), file=text, flush=True)
+        if midi_port is not None:
+            print(f"midi: {midi_port.name}, map {cfg.midi_map or 'built-in'}"
+                  f"{'' if cfg.midi_map is None or Path(cfg.midi_map).exists() else ' (not there yet: built-in)'}",
+                  file=text, flush=True)
         summary = _play(cfg, engine, stdin, text, window, resources)
     saved = recorder.path if recorder is not None else None
     for line in summary_lines(summary, str(saved) if saved else None):

@@ -33,7 +33,7 @@ VECTORS = {"token_scale": TOKENS_PER_CHUNK, "token_bias": TOKENS_PER_CHUNK,
 # inclusive ranges; steering is in normalised latent units (the model's own unit-variance space)
 RANGES = {"nfe": (1, 64), "temperature": (0.0, 4.0), "cfg_scale": (0.0, 10.0),
           **{name: (-4.0, 4.0) for name in VECTORS}}
-COMMANDS = ("set", "add", "seed", "mode", "reset", "get", "help", "quit")
+COMMANDS = ("set", "add", "seed", "mode", "reset", "get", "help", "quit", "midi_learn")
 
 
 class ControlError(FlowError):
@@ -91,6 +91,7 @@ class Update:
     quit: bool = False
     get: bool = False
     help: bool = False
+    midi_learn: str | None = None  # bind the next MIDI knob moved to this control (midi.py checks the name)
 
 
 def apply_message(c: Controls, msg: object, limits: Limits) -> Update:
@@ -126,7 +127,12 @@ def apply_message(c: Controls, msg: object, limits: Limits) -> Update:
             raise ControlError(f'{{"{flag}": true}} is the only form of {flag}, got {_show(msg[flag])}')
     if "get" in msg and msg["get"] != "state":
         raise ControlError(f'{{"get": "state"}} is the only query, got {_show(msg["get"])}')
-    return Update(replace(c, **changes), seed_mode, quit="quit" in msg, get="get" in msg, help="help" in msg)
+    learn = msg.get("midi_learn")
+    if "midi_learn" in msg and not isinstance(learn, str):
+        raise ControlError(f'{{"midi_learn": "temperature"}} names the control the next MIDI knob moved drives, '
+                           f"got {_show(learn)}")
+    return Update(replace(c, **changes), seed_mode, quit="quit" in msg, get="get" in msg, help="help" in msg,
+                  midi_learn=learn)
 
 
 def _absolute(c: Controls, name: str, value, limits: Limits):
