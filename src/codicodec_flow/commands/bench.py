@@ -11,6 +11,7 @@ from rich.table import Table
 from ..config import MODEL_PRESETS
 from ..errors import FlowError
 from ..evaluation.bench import BenchConfig, run_bench
+from ..realtime.ort_backend import BACKENDS
 from ..util.fsutil import write_text_atomic
 from .flags import add_device, add_threads
 
@@ -39,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--competing-load", type=int, default=d.competing_load, metavar="N",
                    help="also measure the realtime engine while N busy-loop processes keep N cores busy, as a DAW "
                         "would (started and stopped by bench; default 0: not measured)")
+    p.add_argument("--backends", default=",".join(d.backends), metavar="LIST",
+                   help="generation figures for these backends, comma-separated: torch (eager PyTorch) and onnxruntime "
+                        "(the exported step on the CPU, with a column saying how many times torch's speed it runs; "
+                        f"pip install -e '.[export]'). Default {','.join(d.backends)}")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
 
@@ -48,13 +53,15 @@ def run(a: argparse.Namespace) -> int:
         cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
                           tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
                           a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks,
-                          a.threads, a.competing_load)
+                          a.threads, a.competing_load, tuple(a.backends.split(",")))
     except ValueError:
         raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
     if cfg.competing_load < 0 or (cfg.threads is not None and cfg.threads < 1):
         raise FlowError("--competing-load must be 0 or more, --threads at least 1")
     if cfg.competing_load and (cfg.realtime_chunks <= 0 or cfg.codec == "none"):
         raise FlowError("--competing-load measures the realtime engine: it needs --realtime-chunks > 0 and a codec")
+    if not cfg.backends or any(b not in BACKENDS for b in cfg.backends):
+        raise FlowError(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
     unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
     if unknown:
         raise FlowError(f"unknown --sizes {unknown}: choose from {', '.join(MODEL_PRESETS)}")
@@ -67,16 +74,24 @@ def print_report(report: dict, json_path: str | None = None) -> None:
     console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')} | "
                   f"matrix-vector bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
     t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
-    for col in ("model", "solver", "NFE", "cached ms", "RTF", "x bandwidth floor", "re-run ms", "cache speed-up",
-                "+codec ms", "RTF w/ codec", "first chunk ms"):
+    backends = any(r.get("backend", "torch") != "torch" for r in report["generation"])
+    for col in ("model", "solver", "NFE") + ("backend", "x torch speed") * backends + (
+            "cached ms", "RTF", "x bandwidth floor", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
+            "first chunk ms"):
         t.add_column(col, justify="right")
     ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
     for r in report["generation"]:
-        t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), ms(r["cached_s"]),
+        which = (r.get("backend", "torch"), f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "—") if backends else ()
+        t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), *which, ms(r["cached_s"]),
                   f"{r['cached_rtf']:.1f}x", f"{r['over_floor']:.1f}" if "over_floor" in r else "—", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
                   ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
                   ms(r["first_chunk_latency_s"]))
     console.print(t)
+    ratios = [r["vs_torch"] for r in report["generation"] if "vs_torch" in r]
+    if ratios:
+        faster = sum(x > 1 for x in ratios)
+        console.print(f"onnxruntime vs eager torch: {min(ratios):.2f}x to {max(ratios):.2f}x torch's speed; faster in "
+                      f"{faster} of {len(ratios)} settings")
     if "long_stream" in report:
         ls = report["long_stream"]
         console.print(f"long stream ({ls['size']}, {ls['solver']} NFE {ls['nfe']}, {ls['chunks']} chunks): chunk 10-19 {1000 * ls['early_s']:.1f} "

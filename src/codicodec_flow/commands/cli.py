@@ -6,9 +6,9 @@ import sys
 
 from ..errors import FlowError
 from ..util.logs import show_logs
-from . import bench, demo, evaluate, preprocess, realtime, sample, smoke, train
+from . import bench, demo, evaluate, export, preprocess, realtime, sample, smoke, train
 
-COMMANDS = (preprocess, train, sample, realtime, evaluate, bench, demo, smoke)  # in the order --help lists them
+COMMANDS = (preprocess, train, sample, realtime, export, evaluate, bench, demo, smoke)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

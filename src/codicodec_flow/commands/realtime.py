@@ -7,6 +7,7 @@ from ..config import LIVE_SAMPLING
 from ..errors import FlowError
 from ..realtime.engine import EngineConfig
 from ..realtime.live_input import LISTEN_MODES
+from ..realtime.ort_backend import BACKENDS
 from ..realtime.midi import VIRTUAL_NAME, input_names
 from ..realtime.protocol import CONTROL_HELP
 from ..realtime.session import PACES, RealtimeConfig, run_realtime
@@ -22,6 +23,12 @@ def register(sub) -> None:
     p.add_argument("--ckpt", default=None, help="ema.pt (or last.pt) from train (required, except for --midi list)")
     add_device(p)
     add_threads(p)
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="torch: PyTorch (default); onnxruntime: the model exported to ONNX, run by onnxruntime on the "
+                        "CPU (exported at start-up unless --onnx is given; pip install -e '.[export]')")
+    p.add_argument("--onnx", default=None, metavar="DIR",
+                   help="with --backend onnxruntime, run this folder from `export --format onnx` of the same "
+                        "checkpoint instead of exporting at start-up")
     add_codec_weights(p)
     add_sampling(p, LIVE_SAMPLING, "sampling (solver, NFE, temperature, guidance and seed are changeable live)")
     g = p.add_argument_group("context")
@@ -96,6 +103,6 @@ def run(a: argparse.Namespace) -> int:
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
                          plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads,
                          osc_host=a.osc_host, osc_reply_port=a.osc_reply_port, midi=a.midi, midi_map=a.midi_map,
-                         midi_learn=a.midi_learn)
+                         midi_learn=a.midi_learn, backend=a.backend, onnx=a.onnx)
     run_realtime(cfg)
     return 0

@@ -27,6 +27,7 @@ from ..latents import LatentStats
 from ..model import FlowDiT
 from ..realtime.engine import Engine, EngineConfig
 from ..realtime.generator import LiveGenerator
+from ..realtime.ort_backend import OrtStreamGenerator, load_onnx
 from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
@@ -52,6 +53,7 @@ class BenchConfig:
     realtime_chunks: int = 200  # sustained real-time factor of the realtime engine (0 skips)
     threads: int | None = None  # torch threads of the realtime-engine figures, as `realtime --threads` (None: live_threads())
     competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
+    backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's
 
 
 def sync(device: torch.device) -> None:
@@ -137,6 +139,9 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
     stats = LatentStats.identity()
     prompt = torch.randn(cfg.context_chunks, TOKENS_PER_CHUNK, LATENT_DIM, generator=torch.Generator().manual_seed(1))
     decode_s = _codec_seconds(codec) if codec is not None else None
+    ort_model = None
+    if "onnxruntime" in cfg.backends:  # exported once per size; run on the CPU with torch's thread count
+        ort_model = load_onnx(model, stats)
     rows = []
     for solver in cfg.solvers:
         k = get_solver(solver).evals_per_step
@@ -144,31 +149,49 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
             if nfe % k:
                 continue
             sc = SampleConfig(solver=solver, nfe=nfe)
-            gen = StreamGenerator(model, stats, sc, device, amp)
-            sync(device)
-            t0 = time.perf_counter()
-            gen.prefill(prompt)
-            gen.next_chunk()
-            sync(device)
-            first = time.perf_counter() - t0
-            cached = _median(time_chunks(gen, cfg.measure_chunks))
-            row = {"size": size, "params_m": model.num_params() / 1e6, "solver": solver, "nfe": nfe,
-                   "context_chunks": cfg.context_chunks, "cached_s": cached, "cached_rtf": CHUNK_SECONDS / cached,
-                   "first_chunk_latency_s": first}
-            if bandwidth:  # NFE evaluations + the pass that appends the chunk, each reading the streamed weights once
-                floor = (gen.evals + 1) * streamed_bytes(model) / (bandwidth * 1e9)
-                row.update(bandwidth_floor_s=floor, over_floor=cached / floor)
-            if cfg.rerun_chunks > 0:
-                ref = WindowRerunGenerator(model, stats, sc, device, amp)
-                ref.prefill(prompt)
-                rerun = _median(time_chunks(ref, cfg.rerun_chunks))
-                row.update(rerun_s=rerun, rerun_rtf=CHUNK_SECONDS / rerun, speedup=rerun / cached)
-            if decode_s is not None:
-                row.update(with_codec_s=cached + decode_s, with_codec_rtf=CHUNK_SECONDS / (cached + decode_s))
-            say(f"  {size} {solver} NFE {nfe}: cached {1000 * cached:.1f} ms/chunk"
-                + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else ""))
-            rows.append(row)
+            torch_s = None
+            for backend in cfg.backends:
+                if backend == "torch":
+                    gen = StreamGenerator(model, stats, sc, device, amp)
+                else:
+                    gen = OrtStreamGenerator(model, stats, sc, ort_model)
+                row = _cached_row(gen, model, prompt, size, cfg, backend, bandwidth)
+                if backend == "torch":
+                    torch_s = row["cached_s"]
+                    if cfg.rerun_chunks > 0:
+                        ref = WindowRerunGenerator(model, stats, sc, device, amp)
+                        ref.prefill(prompt)
+                        rerun = _median(time_chunks(ref, cfg.rerun_chunks))
+                        row.update(rerun_s=rerun, rerun_rtf=CHUNK_SECONDS / rerun, speedup=rerun / row["cached_s"])
+                elif torch_s is not None:
+                    row["vs_torch"] = torch_s / row["cached_s"]  # above 1: onnxruntime is faster than eager torch
+                if decode_s is not None:
+                    row.update(with_codec_s=row["cached_s"] + decode_s,
+                               with_codec_rtf=CHUNK_SECONDS / (row["cached_s"] + decode_s))
+                say(f"  {size} {solver} NFE {nfe} {backend}: cached {1000 * row['cached_s']:.1f} ms/chunk"
+                    + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else "")
+                    + (f", {row['vs_torch']:.2f}x torch's speed" if "vs_torch" in row else ""))
+                rows.append(row)
     return rows
+
+
+def _cached_row(gen: StreamGenerator, model: FlowDiT, prompt: torch.Tensor, size: str, cfg: BenchConfig, backend: str,
+                bandwidth: float | None) -> dict:
+    """First-chunk latency after the prompt, then the median cached chunk, of one generator."""
+    sync(gen.device)
+    t0 = time.perf_counter()
+    gen.prefill(prompt)
+    gen.next_chunk()
+    sync(gen.device)
+    first = time.perf_counter() - t0
+    cached = _median(time_chunks(gen, cfg.measure_chunks))
+    row = {"size": size, "params_m": model.num_params() / 1e6, "solver": gen.cfg.solver, "nfe": gen.cfg.nfe,
+           "backend": backend, "context_chunks": cfg.context_chunks, "cached_s": cached,
+           "cached_rtf": CHUNK_SECONDS / cached, "first_chunk_latency_s": first}
+    if bandwidth:  # NFE passes, each reading the streamed weights once (the finished chunk joins the first pass)
+        floor = gen.evals * streamed_bytes(model) / (bandwidth * 1e9)
+        row.update(bandwidth_floor_s=floor, over_floor=cached / floor)
+    return row
 
 
 def _codec_seconds(codec, n: int = 3) -> float:

@@ -17,6 +17,7 @@ from .engine import Engine, EngineConfig, Summary
 from .generator import LiveGenerator
 from .keyboard import KeyControls, RawKeys
 from .live_input import DeviceInput, WavInput
+from .ort_backend import BACKENDS, OrtLiveGenerator, load_onnx
 from .midi import MidiControl, load_map, open_input
 from .osc import exposed, exposure_warning
 from .protocol import open_control
@@ -51,6 +52,8 @@ class RealtimeConfig:
     threads: int | None = None  # torch's intra-op threads while generating; None: live_threads()
     osc_host: str | None = None  # the interface an osc: control listens on; None: 127.0.0.1
     osc_reply_port: int | None = None  # where OSC replies and events go on the sender's host; None: its own port
+    backend: str = "torch"  # torch | onnxruntime (the exported graphs, on the CPU)
+    onnx: str | None = None  # with onnxruntime: a folder from `export --format onnx`; None: export now
     midi: str | None = None  # a MIDI input: "virtual", a port index or (part of) its name; None: no MIDI
     midi_map: str | None = None  # the mapping file (JSON; learn writes it); None or absent: midi.DEFAULT_MAP
     midi_learn: str | None = None  # bind the first knob moved to this control
@@ -92,11 +95,14 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     if (cfg.midi_map is not None or cfg.midi_learn is not None) and cfg.midi is None:
         raise FlowError("--midi-map and --midi-learn apply with --midi PORT only")
     midi_map = load_map(cfg.midi_map) if cfg.midi is not None else None  # a broken file fails before the model loads
+    _check_backend(cfg)
     text = sys.stderr if cfg.control == "stdin" else stdout
     with torch_threads(live_threads() if cfg.threads is None else cfg.threads) as threads, _Resources() as resources:
         sink = resources.hold(open_sink(cfg.sink, cfg.out, cfg.paced, _device(cfg.output_device)))  # no sound card: fail first
         midi_port = resources.hold(open_input(cfg.midi)) if cfg.midi is not None else None
-        dev = resolve_device(cfg.device)
+        dev = resolve_device("cpu" if cfg.backend == "onnxruntime" and cfg.device == "auto" else cfg.device)
+        if cfg.backend == "onnxruntime" and dev.type != "cpu":
+            raise FlowError(f"--backend onnxruntime runs on the CPU; use --device cpu or auto, not {cfg.device}")
         bundle = load_bundle(cfg.ckpt, dev)
         window = bundle.model_cfg.context_chunks
         controls = initial_controls(cfg, window)
@@ -108,7 +114,11 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             source = DeviceInput(_device(cfg.input_device))
         if source is not None:
             resources.hold(source)
-        gen = LiveGenerator(bundle.model, bundle.stats, cfg.sample, dev, autocast_dtype("auto", dev))
+        if cfg.backend == "onnxruntime":
+            gen = OrtLiveGenerator(bundle.model, bundle.stats, cfg.sample,
+                                   load_onnx(bundle.model, bundle.stats, cfg.onnx, threads))
+        else:
+            gen = LiveGenerator(bundle.model, bundle.stats, cfg.sample, dev, autocast_dtype("auto", dev))
         warmup = None
         if cfg.prompt_wav:
             prompt = encode_prompt(codec, cfg.prompt_wav)  # (T, 8, 64)
@@ -122,7 +132,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             resources.hold(control)
         if midi_port is not None:
             resources.hold(MidiControl(engine, midi_port, midi_map, cfg.midi_map, cfg.midi_learn))
-        print(f"realtime: {bundle.path} on {dev} with {threads} thread{'s' * (threads > 1)}, "
+        print(f"realtime: {bundle.path} on {dev}{' (onnxruntime)' * (cfg.backend == 'onnxruntime')} "
+              f"with {threads} thread{'s' * (threads > 1)}, "
               f"codec {codec.name}, sink {cfg.sink}"
               f"{' (real time)' if cfg.paced else ' (as fast as possible)'}"
               f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen})' if source else ''}",
@@ -141,6 +152,16 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     for line in summary_lines(summary, str(saved) if saved else None):
         print(line, file=text, flush=True)
     return SessionResult(summary, saved)
+
+
+def _check_backend(cfg: RealtimeConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise FlowError(f"unknown --backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if cfg.onnx is not None and cfg.backend != "onnxruntime":
+        raise FlowError("--onnx applies to --backend onnxruntime only")
+    if cfg.backend == "onnxruntime" and cfg.sample.precision != "fp32":
+        raise FlowError(f"--precision {cfg.sample.precision} applies to --backend torch; onnxruntime runs the float32 "
+                        f"export")
 
 
 def _origins(cfg: RealtimeConfig) -> tuple[str, ...]:
