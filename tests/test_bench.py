@@ -80,3 +80,16 @@ def test_streamed_bytes_leave_out_what_the_generator_keeps_per_time():
     kept = sum(p.numel() for m in (model.time, model.ada_out, *(b.ada for b in model.blocks)) for p in m.parameters())
     assert streamed_bytes(model) == 4 * (model.num_params() - kept) and kept > 0
     assert streamed_bytes(model.to(torch.bfloat16)) == 2 * (model.num_params() - kept)
+
+
+def test_bench_times_int8_beside_fp32(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--nfes", "2", "--solvers", "euler", "--measure-chunks",
+                 "2", "--rerun-chunks", "1", "--long-chunks", "0", "--train-steps", "0", "--realtime-chunks", "0",
+                 "--codec", "none", "--precisions", "int8,fp32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["generation"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]  # the exact path first: the others compare with it
+    assert "speedup" in rows[0] and "speedup" not in rows[1]  # the re-run reference is timed against fp32 only
+    assert rows[1]["vs_fp32"] == pytest.approx(rows[0]["cached_s"] / rows[1]["cached_s"])
+    assert "int8" in capsys.readouterr().out  # the table has a precision column
+    assert main(["bench", "--sizes", "tiny", "--precisions", "int4"]) == 2

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from ..config import MODEL_PRESETS
+from ..config import MODEL_PRESETS, PRECISIONS
 from ..errors import FlowError
 from ..evaluation.bench import BenchConfig, run_bench
 from ..realtime.ort_backend import BACKENDS
@@ -44,6 +44,10 @@ def register(sub) -> None:
                    help="generation figures for these backends, comma-separated: torch (eager PyTorch) and onnxruntime "
                         "(the exported step on the CPU, with a column saying how many times torch's speed it runs; "
                         f"pip install -e '.[export]'). Default {','.join(d.backends)}")
+    p.add_argument("--precisions", default=",".join(d.precisions), metavar="LIST",
+                   help="torch generation figures at these weight precisions, comma-separated: fp32 (exact) and int8 "
+                        "(CPU; sample --precision); int8 rows show their speed relative to fp32. "
+                        f"Default {','.join(d.precisions)}")
     p.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
     p.set_defaults(func=run)
 
@@ -53,13 +57,15 @@ def run(a: argparse.Namespace) -> int:
         cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
                           tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
                           a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks,
-                          a.threads, a.competing_load, tuple(a.backends.split(",")))
+                          a.threads, a.competing_load, tuple(a.backends.split(",")), tuple(a.precisions.split(",")))
     except ValueError:
         raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
     if cfg.competing_load < 0 or (cfg.threads is not None and cfg.threads < 1):
         raise FlowError("--competing-load must be 0 or more, --threads at least 1")
     if cfg.competing_load and (cfg.realtime_chunks <= 0 or cfg.codec == "none"):
         raise FlowError("--competing-load measures the realtime engine: it needs --realtime-chunks > 0 and a codec")
+    if not cfg.precisions or any(p not in PRECISIONS for p in cfg.precisions):
+        raise FlowError(f"--precisions {a.precisions!r}: choose from {', '.join(PRECISIONS)}, comma-separated")
     if not cfg.backends or any(b not in BACKENDS for b in cfg.backends):
         raise FlowError(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
     unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
@@ -75,13 +81,15 @@ def print_report(report: dict, json_path: str | None = None) -> None:
                   f"matrix-vector bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
     t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
     backends = any(r.get("backend", "torch") != "torch" for r in report["generation"])
-    for col in ("model", "solver", "NFE") + ("backend", "x torch speed") * backends + (
+    precisions = any(r.get("precision", "fp32") != "fp32" for r in report["generation"])
+    for col in ("model", "solver", "NFE") + ("backend", "x torch speed") * backends + ("precision", "x fp32 speed") * precisions + (
             "cached ms", "RTF", "x bandwidth floor", "re-run ms", "cache speed-up", "+codec ms", "RTF w/ codec",
             "first chunk ms"):
         t.add_column(col, justify="right")
     ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
     for r in report["generation"]:
         which = (r.get("backend", "torch"), f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "—") if backends else ()
+        which += (r.get("precision", "fp32"), f"{r['vs_fp32']:.2f}x" if "vs_fp32" in r else "—") if precisions else ()
         t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), *which, ms(r["cached_s"]),
                   f"{r['cached_rtf']:.1f}x", f"{r['over_floor']:.1f}" if "over_floor" in r else "—", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
                   ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",

@@ -54,6 +54,7 @@ class BenchConfig:
     threads: int | None = None  # torch threads of the realtime-engine figures, as `realtime --threads` (None: live_threads())
     competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
     backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's
+    precisions: tuple[str, ...] = ("fp32",)  # torch generation figures per weight precision (int8: quantize.py)
 
 
 def sync(device: torch.device) -> None:
@@ -149,30 +150,38 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
             if nfe % k:
                 continue
             sc = SampleConfig(solver=solver, nfe=nfe)
-            torch_s = None
-            for backend in cfg.backends:
+            exact_s = None  # the exact path: eager torch at fp32, what every other variant is compared with
+            for backend, precision in _variants(cfg):
                 if backend == "torch":
-                    gen = StreamGenerator(model, stats, sc, device, amp)
+                    gen = StreamGenerator(model, stats, replace(sc, precision=precision), device, amp)
                 else:
                     gen = OrtStreamGenerator(model, stats, sc, ort_model)
                 row = _cached_row(gen, model, prompt, size, cfg, backend, bandwidth)
-                if backend == "torch":
-                    torch_s = row["cached_s"]
+                row["precision"] = precision
+                if (backend, precision) == ("torch", "fp32"):
+                    exact_s = row["cached_s"]
                     if cfg.rerun_chunks > 0:
                         ref = WindowRerunGenerator(model, stats, sc, device, amp)
                         ref.prefill(prompt)
                         rerun = _median(time_chunks(ref, cfg.rerun_chunks))
                         row.update(rerun_s=rerun, rerun_rtf=CHUNK_SECONDS / rerun, speedup=rerun / row["cached_s"])
-                elif torch_s is not None:
-                    row["vs_torch"] = torch_s / row["cached_s"]  # above 1: onnxruntime is faster than eager torch
+                elif exact_s is not None:  # above 1: faster than the exact path
+                    row["vs_torch" if backend != "torch" else "vs_fp32"] = exact_s / row["cached_s"]
                 if decode_s is not None:
                     row.update(with_codec_s=row["cached_s"] + decode_s,
                                with_codec_rtf=CHUNK_SECONDS / (row["cached_s"] + decode_s))
-                say(f"  {size} {solver} NFE {nfe} {backend}: cached {1000 * row['cached_s']:.1f} ms/chunk"
+                say(f"  {size} {solver} NFE {nfe} {backend} {precision}: cached {1000 * row['cached_s']:.1f} ms/chunk"
                     + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else "")
-                    + (f", {row['vs_torch']:.2f}x torch's speed" if "vs_torch" in row else ""))
+                    + (f", {row['vs_torch']:.2f}x torch's speed" if "vs_torch" in row else "")
+                    + (f", {row['vs_fp32']:.2f}x fp32's speed" if "vs_fp32" in row else ""))
                 rows.append(row)
     return rows
+
+
+def _variants(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """(backend, precision) pairs to time: torch at each precision first (fp32 leading), then other backends."""
+    torch_rows = [("torch", p) for p in sorted(cfg.precisions, key=lambda p: p != "fp32")] if "torch" in cfg.backends else []
+    return torch_rows + [(b, "fp32") for b in cfg.backends if b != "torch"]
 
 
 def _cached_row(gen: StreamGenerator, model: FlowDiT, prompt: torch.Tensor, size: str, cfg: BenchConfig, backend: str,
