@@ -60,14 +60,19 @@ class FlowBatch:
 
 
 def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.Tensor, uncond: torch.Tensor,
-               window: int, chunk_tokens: int, generator: torch.Generator | None = None) -> FlowBatch:
-    """Two-stream inputs for clean crops x (B, L, D) with per-chunk noisy times t, context noise s, uncond flags."""
+               window: int, chunk_tokens: int, generator: torch.Generator | None = None,
+               context: torch.Tensor | None = None) -> FlowBatch:
+    """Two-stream inputs for clean crops x (B, L, D) with per-chunk noisy times t, context noise s, uncond flags.
+
+    `context` (B, L, D), if given, fills the clean stream instead of x (rollout.py: the model's own chunks as
+    the past); the noisy stream and its targets stay the real x.
+    """
     B, L, _ = x.shape
     n = L // chunk_tokens
     eps = torch.randn(x.shape, generator=generator)
     eps_ctx = torch.randn(x.shape, generator=generator)
     t_tok, s_tok = per_token(t, chunk_tokens), per_token(s, chunk_tokens)  # (B, L) each
-    clean = interpolate(x, eps_ctx, s_tok)
+    clean = interpolate(x if context is None else context, eps_ctx, s_tok)
     noisy = interpolate(x, eps, t_tok)
     return FlowBatch(inputs=torch.cat([clean, noisy], dim=1), times=torch.cat([s_tok, t_tok], dim=1),
                      target=target_velocity(x, eps), t=t, mask=stream_mask(n, window, chunk_tokens, uncond, valid),
@@ -75,13 +80,13 @@ def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.T
 
 
 def training_batch(x: torch.Tensor, valid: torch.Tensor, cfg: FlowConfig, window: int, chunk_tokens: int,
-                   generator: torch.Generator | None = None) -> FlowBatch:
-    """Random times, context noise and unconditional chunks for one training batch."""
+                   generator: torch.Generator | None = None, context: torch.Tensor | None = None) -> FlowBatch:
+    """Random times, context noise and unconditional chunks for one training batch (context: see make_batch)."""
     B, n = valid.shape
     t = sample_times((B, n), cfg, generator)
     s = cfg.context_noise_max * torch.rand((B, n), generator=generator)
     uncond = torch.rand((B, n), generator=generator) < cfg.p_uncond
-    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator)
+    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context)
 
 
 def flow_loss(model: FlowDiT, batch: FlowBatch) -> tuple[torch.Tensor, torch.Tensor]:
