@@ -1,7 +1,10 @@
-"""MIDI control: CC and note translation on known answers, mapping files (checked by the protocol's validator),
-learn mode, a live engine fed injected mido messages, the command end to end, and a real virtual port where the
-system has a MIDI sequencer."""
+"""MIDI control: CC and note translation on known answers, map files (checked by the protocol's validator),
+learn mode, a live engine fed injected mido messages, the command end to end, and real virtual ports through the
+system's MIDI (ALSA's sequencer, or a JACK server on its dummy driver started for the test)."""
 import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,8 +14,9 @@ import pytest
 
 from codicodec_flow.errors import FlowError
 from codicodec_flow.realtime import midi
-from codicodec_flow.realtime.midi import (DEFAULT_MAP, CCBinding, MidiControl, MidiMap, NoteBinding, cc_value,
-                                          check_map, load_map, midi_command, parse_map, parse_target, save_map)
+from codicodec_flow.realtime.midi import MidiControl
+from codicodec_flow.realtime.midi_map import (DEFAULT_MAP, CCBinding, MidiMap, NoteBinding, cc_value, check_map,
+                                              load_map, midi_command, parse_map, parse_target, save_map)
 from codicodec_flow.realtime.state import ControlError, Controls, Limits
 from test_realtime import W, _cli, ckpt, make_engine  # noqa: F401  (ckpt is a fixture)
 
@@ -158,8 +162,9 @@ def test_injected_messages_steer_a_live_engine_and_learn_saves_the_map(tmp_path)
         saved = load_map(path)
         assert saved.knob(9, 2) == CCBinding(9, "cfg_scale", 0.0, 4.0, "linear", 2) and saved.knob(71, 1) is None
         assert ctl.learning is None
-        assert ctl.handle(cc(70, 127)) is None  # the same value again is not resent
-        assert ctl.handle(cc(70, 0)) == {"set": {"temperature": 0.0}}
+        engine.submit({"temperature": 0.5})  # another front end moves it; the knob, sending 127 again, takes over
+        assert ctl.handle(cc(70, 127)) == {"set": {"temperature": 2.0}} and engine.pending.temperature == 2.0
+        assert ctl.handle(mido.Message("clock")) is None
     finally:
         ctl.close()
 
@@ -255,26 +260,87 @@ def test_midi_list_needs_no_checkpoint(capsys):
     assert rc == 0 and all(n in out for n in names)
 
 
-def _virtual_ports_or_skip():
+@pytest.fixture
+def virtual_midi(monkeypatch):
+    """A MIDI system with virtual ports: ALSA's sequencer where there is one, else a JACK server on its dummy
+    driver (Debian: jackd2), started for this test alone; skipped when neither can be had."""
     try:
-        return mido.open_output("codicodec-flow test", virtual=True)
+        mido.open_output("codicodec-flow probe", virtual=True).close()
+        yield "default"
+        return
     except (OSError, NotImplementedError) as exc:
-        pytest.skip(f"no virtual MIDI ports on this system ({exc})")
+        why = f"no virtual MIDI ports ({exc})"
+    if shutil.which("jackd") is None:
+        pytest.skip(f"{why}, and no jackd to start a JACK server with (Debian: apt-get install jackd2)")
+    server = f"cf-test-{os.getpid()}"
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", server)
+    monkeypatch.setenv("JACK_NO_AUDIO_RESERVATION", "1")
+    jackd = subprocess.Popen(["jackd", "-n", server, "-r", "-d", "dummy", "-r", "48000", "-p", "1024"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    previous = mido.backend.name
+    mido.set_backend("mido.backends.rtmidi/UNIX_JACK")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                mido.open_output("codicodec-flow probe", virtual=True).close()
+                break
+            except OSError as exc:
+                if jackd.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"{why}, and a JACK server on the dummy driver did not start ({exc})")
+                time.sleep(0.1)
+        yield "jack"
+    finally:
+        mido.set_backend(previous)
+        jackd.terminate()
+        jackd.wait(10)
 
 
-def test_a_real_virtual_port():
-    """Another program (here, a virtual output) plays into `--midi virtual`."""
-    probe = _virtual_ports_or_skip()
-    probe.close()
+def _sender() -> mido.ports.BaseOutput:
+    """An output to our virtual input, as a DAW would open it (the system prefixes the client's name)."""
+    name = next(n for n in mido.get_output_names() if midi.VIRTUAL_NAME in n and "probe" not in n)
+    return mido.open_output(name)
+
+
+def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_real_virtual_port(virtual_midi):
+    """Another program plays into `--midi virtual` through the system's MIDI (ALSA, or JACK)."""
     port = midi.open_input("virtual")
     engine = make_engine()
     ctl = MidiControl(engine, port)
     try:
-        with mido.open_output(midi.VIRTUAL_NAME) as out:  # our virtual input, as a DAW sees it
+        with _sender() as out:
             out.send(cc(70, 127))
-            deadline = time.monotonic() + 5
-            while engine.pending.temperature != 2.0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-        assert engine.pending.temperature == 2.0
+            out.send(note(37))
+            out.send(cc(76, 0))
+            _until(lambda: engine.pending.channel_scale[0] == 0.0)
+        assert engine.pending.temperature == 2.0 and engine.pending.channel_scale == (0.0,) * 32 + (1.0,) * 32
     finally:
         ctl.close()
+    assert ctl.wait(2) and port.closed  # closing ends the port's iteration, and with it the reader thread
+
+
+def test_command_with_a_virtual_port(virtual_midi, ckpt, tmp_path, capsys):  # noqa: F811
+    mapping = tmp_path / "rig.json"
+    mapping.write_text(json.dumps({"cc": [{"cc": 70, "control": "temperature", "min": 0, "max": 2}],
+                                   "notes": [{"note": 60, "command": {"quit": True}}]}))
+    argv = ["realtime", "--ckpt", str(ckpt), "--device", "cpu", "--sink", "null", "--pace", "realtime",
+            "--max-chunks", "400", "--no-keys", "--plain", "--midi", "virtual", "--midi-map", str(mapping)]
+    result, out = {}, []
+    run = threading.Thread(target=lambda: result.setdefault("rc", _cli(argv)), daemon=True)
+    run.start()
+    seen = lambda text: out.append(capsys.readouterr().out) or text in "".join(out)  # noqa: E731
+    _until(lambda: seen("midi: "), 60)
+    with _sender() as port:
+        port.send(cc(70, 127))
+        _until(lambda: seen("temp 2.00"), 30)
+        port.send(note(60))
+    run.join(30)
+    text = "".join(out) + capsys.readouterr().out
+    assert result.get("rc") == 0 and f"midi: {midi.VIRTUAL_NAME}" in text and "temp 2.00" in text, text
+    assert "chunks 400" not in text

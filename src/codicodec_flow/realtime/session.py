@@ -18,7 +18,8 @@ from .generator import LiveGenerator
 from .keyboard import KeyControls, RawKeys
 from .live_input import DeviceInput, WavInput
 from .ort_backend import BACKENDS, OrtLiveGenerator, load_onnx
-from .midi import MidiControl, load_map, open_input
+from .midi import MidiControl, open_input
+from .midi_map import load_map
 from .osc import exposed, exposure_warning
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
