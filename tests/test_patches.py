@@ -54,8 +54,8 @@ def test_pd_patch_uses_vanilla_objects_and_sends_addresses_the_engine_accepts():
                {b[8] for b in boxes if b[0] == "floatatom"}  # floatatom x y width lo hi label-side label rcv snd
     assert {"cf-temperature", "cf-cfg_scale", "cf-nfe", "cf-context_chunks", "cf-seed", "cf-random", "cf-reset",
             "cf-port"} <= receives
-    route = next(b for b in boxes if b[0] == "obj" and b[3] == "route" and b[4] != "cf")
-    assert {f"/cf/{name}" for name in route[4:]} <= REPLIES
+    routed = {name for b in boxes if b[0] == "obj" and b[3] == "route" and b[4] != "cf" for name in b[4:]}
+    assert {f"/cf/{name}" for name in routed} == REPLIES - {"/cf/ok"}  # ok: shown as the last reply
 
 
 def test_max_patch_is_valid_json_with_the_expected_objects_and_addresses():
@@ -102,7 +102,7 @@ def test_pure_data_drives_a_live_engine(tmp_path):
     control = OscControl(engine, 0)
     engine.start()
     sends = [f"cf-port {control.port}", "cf-temperature 0.5", "cf-cfg_scale 1.5", "cf-nfe 2", "cf-seed 123",
-             "cf-set token_bias 0.25", "cf-set channel_scale/5 0.5"]
+             "cf-set token_bias 0.25", "cf-set channel_scale/5 0.5", "cf-get bang"]
     pd = subprocess.Popen(["pd", "-nogui", "-noaudio", "-nomidi", "-open", str(PD_PATCH), "-open", str(listen),
                            *[a for s in sends for a in ("-send", s)]],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -111,7 +111,7 @@ def test_pure_data_drives_a_live_engine(tmp_path):
     reader.start()
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not ("reply: ok /cf/set/channel_scale/5\n" in lines
+        while time.monotonic() < deadline and not (any(ln.startswith("cf-state:") for ln in lines)
                                                   and any(ln.startswith("reply: chunk") for ln in lines)):
             time.sleep(0.05)
         c = engine.pending
@@ -119,7 +119,9 @@ def test_pure_data_drives_a_live_engine(tmp_path):
             (0.5, 1.5, 2, 123, (0.25,) * 8, 0.5), lines
         oks = [ln.split()[2] for ln in lines if ln.startswith("reply: ok")]
         assert oks == ["/cf/temperature", "/cf/cfg_scale", "/cf/nfe", "/cf/seed", "/cf/set/token_bias",
-                       "/cf/set/channel_scale/5"], lines
+                       "/cf/set/channel_scale/5", "/cf/get"], lines
+        state = next(ln for ln in lines if ln.startswith("cf-state:"))  # the state, as JSON, in the Pd window
+        assert '"temperature":0.5' in state and '"seed":123' in state, state
         chunks = [ln.split() for ln in lines if ln.startswith("reply: chunk")]
         assert chunks, (engine.error, lines)
         chunk = chunks[0]
