@@ -247,7 +247,7 @@ def test_controls_land_between_chunks():
 
 
 def test_seed_change_through_the_engine_reports_the_crossfade():
-    engine = make_engine(max_chunks=7, crossfade_chunks=3)
+    engine = make_engine(max_chunks=7, controls=Controls(context_chunks=W, crossfade_chunks=3))
     events = collect(engine)
     engine.subscribe(lambda ev: ev.get("index") == 1 and engine.submit({"seed": 42}))
     engine.run()
@@ -271,12 +271,12 @@ def test_paced_sink_throttles_instead_of_growing_the_buffer(tmp_path):
 
 def test_underruns_are_counted_when_generation_is_too_slow():
     engine = make_engine(NullSink(paced=True, speed=4.0), max_chunks=4, prebuffer=1)
-    fast = engine.gen.next_chunk
+    fast = engine.gen.draft
 
     def slow(*a, **kw):
         time.sleep(0.35)  # 2x slower than the 4x clock's 0.17 s per chunk
         return fast(*a, **kw)
-    engine.gen.next_chunk = slow
+    engine.gen.draft = slow
     summary = engine.run()
     assert summary.underruns >= 2 and summary.rtf < 2.0
 
@@ -383,7 +383,7 @@ def test_sustained_rtf_benchmark_reports(ckpt):
 def test_ctrl_c_during_generation_ends_the_session_cleanly(monkeypatch):
     """Generation runs on the caller's thread: Ctrl-C there must stop the player and leave a usable summary."""
     engine = make_engine(max_chunks=50)
-    real = engine.gen.next_chunk
+    real = engine.gen.draft
     calls = []
 
     def interrupted(*a, **k):
@@ -392,7 +392,7 @@ def test_ctrl_c_during_generation_ends_the_session_cleanly(monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(engine.gen, "next_chunk", interrupted)
+    monkeypatch.setattr(engine.gen, "draft", interrupted)
     with pytest.raises(KeyboardInterrupt):
         engine.run()
     assert engine.stopping and engine.wait(2.0) and engine.summary().chunks == 2

@@ -9,6 +9,8 @@ place that knows their layout:
               "stats", "codec": {"name", "version"}, "step"[, "init_from"]}
 "init_from" ({"path", "step"}), in both files of a run started with `train --init-from`, names the checkpoint
 whose weights it started from.
+Generation loads the EMA weights ("model" of ema.pt, "ema" of last.pt) unless asked for the raw ones
+(`--weights raw`: "model" of last.pt; ema.pt has none).
 A save writes ema.pt first and last.pt second, so a process killed between the two leaves ema.pt one save
 ahead of last.pt, never behind: resuming from last.pt recomputes the same steps and rewrites both.
 """
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LAST, EMA = "last.pt", "ema.pt"  # the file names inside a run folder
+WEIGHTS = ("ema", "raw")  # which weights generation loads: the EMA average, or (last.pt only) the raw training ones
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
@@ -138,7 +141,8 @@ def load_training(path: str | Path) -> TrainingCheckpoint:
 
 @dataclass
 class Weights:
-    """The inference side of ema.pt or last.pt (its EMA weights): what generation and a fine-tune start from."""
+    """The inference side of ema.pt or last.pt (its EMA weights, or last.pt's raw ones): what generation and a
+    fine-tune start from."""
     path: Path
     kind: str  # "inference" (ema.pt) or "training" (last.pt)
     step: int
@@ -146,7 +150,8 @@ class Weights:
     flow_cfg: FlowConfig
     stats: LatentStats  # the normalisation the weights were trained with
     codec: dict  # {"name", "version"}
-    state: dict  # the EMA weights
+    state: dict  # the EMA weights (or the raw ones, which="raw")
+    which: str = "ema"
 
     @property
     def record(self) -> dict:
@@ -162,15 +167,21 @@ class Weights:
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
-def load_weights(path: str | Path) -> Weights:
-    """Read the EMA weights of ema.pt or last.pt, with their configs, latent statistics and codec identity."""
+def load_weights(path: str | Path, which: str = "ema") -> Weights:
+    """Read the EMA weights of ema.pt or last.pt (which="raw": last.pt's raw training weights), with their configs,
+    latent statistics and codec identity."""
+    if which not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {which!r}: choose one of {', '.join(WEIGHTS)}")
     obj = load_checkpoint(path)
     kind = "training" if obj.get("kind") == "training" else "inference"
+    if which == "raw" and kind != "training":
+        raise CheckpointError(f"{path}: holds only the EMA weights (an ema.pt); the raw weights are in the run's "
+                              f"{LAST} (same folder): give that file, or use the EMA weights (--weights ema)")
     try:
         codec = {"name": obj["codec"]["name"], "version": obj["codec"].get("version", "?")}
         return Weights(Path(path), kind, int(obj.get("step", 0)), config_from_dict(ModelConfig, obj["config"]["model"]),
                        config_from_dict(FlowConfig, obj["config"]["flow"]), LatentStats.from_json(obj["stats"]), codec,
-                       obj["ema"] if kind == "training" else obj["model"])
+                       obj["ema"] if kind == "training" and which == "ema" else obj["model"], which)
     except Exception as exc:  # malformed values
         raise CheckpointError(f"{path}: checkpoint does not match this version's model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
@@ -187,20 +198,23 @@ class Bundle:
     codec_version: str
     step: int
     path: str
+    weights: str = "ema"  # which weights were loaded: "ema" or "raw"
 
     def open_codec(self, device, codec_ckpt: str | Path | None = None, trust: bool = False) -> Codec:
         """The codec this model's latents belong to, on `device` (a different codec version is noted)."""
         return open_codec(self.codec, self.codec_version, device, codec_ckpt, trust, self.path)
 
 
-def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
-    """Load ema.pt (or the EMA weights of last.pt) as an eval-mode FlowDiT."""
-    w = load_weights(path)
+def load_bundle(path: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> Bundle:
+    """Load ema.pt (or the EMA weights of last.pt; weights="raw": last.pt's raw weights) as an eval-mode FlowDiT."""
+    w = load_weights(path, weights)
     model = FlowDiT(w.model_cfg)
     w.load_into(model)
     model.to(device).eval().requires_grad_(False)
-    log.info(f"loaded {'the EMA weights of ' if w.kind == 'training' else ''}{path} (step {w.step})")
-    return Bundle(model, w.model_cfg, w.flow_cfg, w.stats, w.codec["name"], w.codec["version"], w.step, str(path))
+    which = {"raw": "the raw weights of ", "ema": "the EMA weights of " if w.kind == "training" else ""}[weights]
+    log.info(f"loaded {which}{path} (step {w.step})")
+    return Bundle(model, w.model_cfg, w.flow_cfg, w.stats, w.codec["name"], w.codec["version"], w.step, str(path),
+                  weights)
 
 
 def config_mismatch(saved: dict, wanted: dict) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..checkpoint import WEIGHTS
 from ..config import LIVE_SAMPLING
 from ..errors import FlowError
 from ..realtime.engine import EngineConfig
@@ -12,6 +13,7 @@ from ..realtime.midi import VIRTUAL_NAME, input_names
 from ..realtime.protocol import CONTROL_HELP
 from ..realtime.session import PACES, RealtimeConfig, run_realtime
 from ..realtime.sinks import SINKS
+from ..realtime.state import MAX_GAIN, Controls
 from .flags import add_codec_weights, add_device, add_sampling, add_threads, sample_config
 
 
@@ -34,9 +36,9 @@ def register(sub) -> None:
     g = p.add_argument_group("context")
     g.add_argument("--context-chunks", type=int, default=None,
                    help="past chunks attended, 1..W, changeable live (default: the checkpoint's whole window W)")
-    g.add_argument("--crossfade-chunks", type=int, default=d.crossfade_chunks,
-                   help=f"chunks over which a live seed change blends the old noise into the new "
-                        f"(default {d.crossfade_chunks})")
+    g.add_argument("--crossfade-chunks", type=int, default=Controls.crossfade_chunks,
+                   help=f"chunks over which a live seed change blends the old noise into the new, 1..64, changeable "
+                        f"live (default {Controls.crossfade_chunks})")
     g.add_argument("--prompt-wav", default=None, help="audio whose last chunks start the context (optional)")
     o = p.add_argument_group("output")
     o.add_argument("--sink", default="sounddevice", choices=SINKS,
@@ -52,6 +54,16 @@ def register(sub) -> None:
                         f"(default {d.prebuffer})")
     o.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (default: never)")
     o.add_argument("--save", default=None, metavar="FILE.wav", help="also record the generated stream to this WAV")
+    o.add_argument("--gain", type=float, default=Controls.gain,
+                   help=f"output gain 0..{MAX_GAIN:g} (+6 dB), changeable live; above 1 a limiter keeps each chunk "
+                        f"under full scale (default {Controls.gain:g})")
+    o.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="ema: the EMA weights (default); raw: last.pt's raw training weights (not in ema.pt)")
+    o.add_argument("--presets", default=None, metavar="DIR",
+                   help="where presets are saved and recalled (default: $XDG_CONFIG_HOME/codicodec-flow/presets, "
+                        "else ~/.config/codicodec-flow/presets)")
+    o.add_argument("--preset", default=None, metavar="NAME",
+                   help="start from this saved preset (flags for the same controls are overridden)")
     c = p.add_argument_group("control")
     c.add_argument("--control", default="none", metavar="TRANSPORT", help=f"JSON control protocol: {CONTROL_HELP}")
     c.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -92,8 +104,7 @@ def run(a: argparse.Namespace) -> int:
     if a.ckpt is None:
         raise FlowError("realtime needs --ckpt (the ema.pt or last.pt that train wrote)")
     try:
-        engine = EngineConfig(prebuffer=a.prebuffer, crossfade_chunks=a.crossfade_chunks, max_chunks=a.max_chunks,
-                              listen=a.listen)
+        engine = EngineConfig(prebuffer=a.prebuffer, max_chunks=a.max_chunks, listen=a.listen)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
     cfg = RealtimeConfig(ckpt=a.ckpt, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
@@ -103,6 +114,8 @@ def run(a: argparse.Namespace) -> int:
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
                          plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads,
                          osc_host=a.osc_host, osc_reply_port=a.osc_reply_port, midi=a.midi, midi_map=a.midi_map,
-                         midi_learn=a.midi_learn, backend=a.backend, onnx=a.onnx)
+                         midi_learn=a.midi_learn, backend=a.backend, onnx=a.onnx,
+                         crossfade_chunks=a.crossfade_chunks, gain=a.gain, weights=a.weights, presets=a.presets,
+                         preset=a.preset)
     run_realtime(cfg)
     return 0

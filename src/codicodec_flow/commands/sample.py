@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_bundle
+from ..checkpoint import WEIGHTS, load_bundle
 from ..codec import CHUNK_SAMPLES, CHUNK_SECONDS
 from ..codec.audio import write_wav
 from ..codec.prompt import DECODE_MODES, decode_latents, encode_prompt
@@ -55,8 +55,10 @@ def latents_path(wav: Path) -> Path:
 
 def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = None, duration_s: float = 20.0,
                device: str = "auto", codec_ckpt: str | None = None, trust_codec: bool = False,
-               include_prompt: bool = False, decode: str = "parallel", plain: bool | None = None) -> SampleResult:
-    """Generate `duration_s` of continuation for each of cfg.num_samples streams and write them."""
+               include_prompt: bool = False, decode: str = "parallel", plain: bool | None = None,
+               weights: str = "ema") -> SampleResult:
+    """Generate `duration_s` of continuation for each of cfg.num_samples streams and write them (weights="raw":
+    last.pt's raw training weights instead of the EMA ones)."""
     if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
         raise FlowError(f"--duration-s {duration_s:g}: give seconds, more than 0 and at most {MAX_DURATION_S} "
                         f"(4 h: a WAV file holds at most 4 GiB); for endless audio use `codicodec-flow realtime`")
@@ -66,7 +68,7 @@ def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = 
         check_writable(path)
         check_writable(latents_path(path))
     dev = resolve_device(device)
-    bundle = load_bundle(ckpt, dev)
+    bundle = load_bundle(ckpt, dev, weights)
     codec = bundle.open_codec(dev, codec_ckpt, trust_codec)
     prompt = encode_prompt(codec, prompt_wav) if prompt_wav else None
     gen = StreamGenerator(bundle.model, bundle.stats, cfg, dev, autocast_dtype("auto", dev))
@@ -96,6 +98,7 @@ def run_sample(ckpt: str, out: str, cfg: SampleConfig, prompt_wav: str | None = 
         result.wavs.append(write_wav(path, wave))
         lat_path = latents_path(path)
         save_shard(lat_path, seq, {"source": str(prompt_wav or ""), "ckpt": str(ckpt), "ckpt_step": bundle.step,
+                                   "weights": bundle.weights,
                                    "codec": bundle.codec,
                                    "codec_version": bundle.codec_version, "prompt_chunks": 0 if lead is None else
                                    lead.shape[0], "sample": b, "seed": cfg.seed, "solver": cfg.solver,
@@ -120,13 +123,15 @@ def register(sub) -> None:
     p.add_argument("--include-prompt", action="store_true", help="write the (decoded) prompt before the continuation")
     p.add_argument("--decode", default="parallel", choices=DECODE_MODES,
                    help="codec decoding: whole sequence at once, or chunk by chunk with decode_next")
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="ema: the EMA weights (default); raw: last.pt's raw training weights (not in ema.pt)")
     p.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
     cfg = sample_config(a, SampleConfig(), num_samples=a.num_samples)
     r = run_sample(a.ckpt, a.out, cfg, a.prompt_wav, a.duration_s, a.device, a.codec_ckpt, a.trust_codec_ckpt,
-                   a.include_prompt, a.decode)
+                   a.include_prompt, a.decode, weights=a.weights)
     print(f"generated {r.chunks} chunks ({r.seconds_generated:.1f} s) per sample in {r.compute_seconds:.1f} s "
           f"({r.realtime_factor:.1f}x real time, flow model)")
     for wav, lat in zip(r.wavs, r.latents):

@@ -1,49 +1,72 @@
 """The real-time engine: one thread generates and decodes chunk after chunk into a bounded ring; another plays it.
 
 Generation thread (the only one that touches the model and the codec), per chunk:
-  1. take the controls submitted since the last chunk (commands only ever land between chunks);
-  2. without an input, wait while the ring already holds `prebuffer` chunks (throttle: running
+  1. without an input, wait while the ring already holds `prebuffer` chunks (throttle: running
      faster than real time keeps the buffer, and so the delay before a control is heard, short);
-     with an input, wait for the performer's next chunk instead, encode it and add it (or the
-     mix of it and the model's chunk that played meanwhile) to the context;
-  3. generate, steer, decode with the codec's streaming decode_next, push to the ring and --save;
-  4. emit a "chunk" event: compute time, real-time factor, buffer level, underruns, latency.
+     with an input, wait for the performer's next chunk instead;
+  2. take the controls submitted since the last chunk (commands only ever land between chunks),
+     auto-cycle the seed when due, and modulate them for this chunk (LFOs, a morph: state.modulate);
+  3. with an input, encode it and add it (or the mix of it and the model's chunk that played
+     meanwhile) to the context; generate, steer, decode with the codec's streaming decode_next;
+  4. recovery: a draft with NaN/inf latents or audio, or one that raised, is drawn again with fresh
+     noise (`retries` times); if every try fails the chunk is silence (faded from the last sample),
+     a "recovered" event says so and the stream goes on; `max_failed_chunks` given-up chunks in a
+     row end the session with an error instead of playing silence for ever;
+  5. apply the gain (ramped across the chunk, limited so a boost never pushes a chunk past full
+     scale), clip, push to the ring and --save;
+  6. emit a "chunk" event (compute time, real-time factor, buffer level, underruns, latency, the
+     controls and their modulated values), and the opt-in "waveform" and "latents" events.
 Playback thread: waits until `prebuffer` chunks are queued, then runs the sink until the ring drains.
+Before the first chunk a "ready" event gives the model's facts (sizes, window, codec, sample rate).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..codec import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE, Codec
+from ..codec import CHANNELS, CHUNK_SAMPLES, CHUNK_SECONDS, LATENT_DIM, SAMPLE_RATE, TOKENS_PER_CHUNK, Codec
+from ..errors import FlowError
 from .generator import LiveGenerator
 from .live_input import LISTEN_MODES
+from .modulation import derived_seed
 from .ring import AudioRing
-from .state import ControlError, Controls, Limits, Update, apply_message
+from .state import MAX_GAIN, ControlError, Controls, Limits, Update, apply_message, describe, modulate
+
+log = logging.getLogger(__name__)
 
 Listener = Callable[[dict], None]
 STATS_WINDOW = 8192  # chunks (~93 min) kept for percentiles
+WAVEFORM_POINTS = 128  # min/max pairs per chunk in a "waveform" event (256 samples each)
+FADE = 480  # samples (10 ms) of the ramps into and out of a recovered chunk's silence
+LIMIT = 0.98  # the peak a gain above 1 may raise a chunk to (about -0.2 dBFS)
+
+
+class RealtimeError(FlowError):
+    """The stream cannot go on (generation keeps failing)."""
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     prebuffer: int = 2  # chunks queued before playback starts; also the level the throttle holds
-    crossfade_chunks: int = 4  # length of a seed crossfade
     max_chunks: int | None = None  # stop after this many chunks (None: until quit, or the input ends)
     listen: str = "input"  # with an input: "input" (the performer is the context) or "mix" (performer + model)
     headroom: int = 4  # ring capacity beyond the prebuffer, in chunks (absorbs an unpaced input)
+    retries: int = 2  # fresh-noise redraws of a chunk that came out NaN/inf (or raised) before it is given up
+    max_failed_chunks: int = 8  # given-up chunks in a row that end the session
 
     def __post_init__(self):
         if self.prebuffer < 1:
             raise ValueError(f"--prebuffer must be at least 1 chunk, got {self.prebuffer}")
-        if self.crossfade_chunks < 1:
-            raise ValueError(f"--crossfade-chunks must be at least 1, got {self.crossfade_chunks}")
+        if self.retries < 0 or self.max_failed_chunks < 1:
+            raise ValueError(f"retries must be >= 0 and max_failed_chunks >= 1, got {self.retries}, "
+                             f"{self.max_failed_chunks}")
         if self.max_chunks is not None and self.max_chunks < 1:
             raise ValueError(f"--max-chunks must be at least 1, got {self.max_chunks}")
         if self.listen not in LISTEN_MODES:
@@ -85,13 +108,27 @@ class Engine:
     """Runs a LiveGenerator against a sink in real time; see the module docstring."""
 
     def __init__(self, gen: LiveGenerator, codec: Codec, sink, cfg: EngineConfig, controls: Controls,
-                 recorder=None, source=None, warmup: torch.Tensor | None = None):
+                 recorder=None, source=None, warmup: torch.Tensor | None = None, presets=None,
+                 info: dict | None = None):
+        """presets: a presets.PresetStore (None: presets off); info: facts for the "ready" event (checkpoint...)."""
         self.gen, self.codec, self.sink, self.cfg = gen, codec, sink, cfg
         self.recorder, self.source, self.warmup = recorder, source, warmup  # warmup: (8, 64) raw latents
-        self.limits = Limits(window=gen.model.cfg.context_chunks, initial=controls)
+        self.limits = Limits(window=gen.model.cfg.context_chunks, initial=controls, presets=presets)
+        self.info = {"event": "ready", "sample_rate": SAMPLE_RATE, "channels": CHANNELS,
+                     "chunk_samples": CHUNK_SAMPLES, "chunk_seconds": CHUNK_SECONDS,
+                     "tokens_per_chunk": TOKENS_PER_CHUNK, "latent_dim": LATENT_DIM,
+                     "window": gen.model.cfg.context_chunks, "codec": codec.name, "max_gain": MAX_GAIN,
+                     "model": asdict(gen.model.cfg), "prebuffer": cfg.prebuffer, **(info or {})}
         self.ring = AudioRing((cfg.prebuffer + cfg.headroom) * CHUNK_SAMPLES)
         self._lock = threading.Lock()
         self._pending, self._seed_mode = controls, "crossfade"
+        self._next = 0  # the chunk the controls submitted now are first heard in (a morph starts there)
+        self._gain: float | None = None  # the gain the last chunk ended with (the next one ramps from it)
+        self._tail = np.zeros(CHANNELS, np.float32)  # the last sample played, where a silence fades from
+        self._failed = 0  # chunks given up in a row
+        self._silent = False  # the last chunk was a recovery's silence: fade the next one in
+        self._sent: dict[str, float] = {}  # display event kind -> when it was last sent
+        self.clock: Callable[[], float] = time.monotonic  # what the display events' rate limit reads
         self._listeners: list[Listener] = []
         self.midi_learn: Callable[[str], None] | None = None  # set by midi.MidiControl: arms its learn mode
         self._stop = threading.Event()
@@ -112,10 +149,18 @@ class Engine:
     def submit(self, msg: object) -> Update:
         """Validate and queue a control message for the next chunk; ControlError leaves everything unchanged."""
         with self._lock:
-            upd = apply_message(self._pending, msg, self.limits)
+            upd = apply_message(self._pending, msg, self.limits, now=self._next)
+            if upd.midi_learn is not None and self.midi_learn is None:
+                raise ControlError("midi_learn needs a MIDI input: start realtime with --midi PORT")
+            store = self.limits.presets
+            try:  # before the new controls are taken: a preset that cannot be written changes nothing
+                if upd.save is not None:
+                    store.save(upd.save, upd.controls.preset_json())
+                if upd.delete is not None:
+                    store.delete(upd.delete)
+            except FlowError as exc:
+                raise ControlError(str(exc)) from None
             if upd.midi_learn is not None:  # armed (and its target checked) only when the whole message is good
-                if self.midi_learn is None:
-                    raise ControlError("midi_learn needs a MIDI input: start realtime with --midi PORT")
                 self.midi_learn(upd.midi_learn)
             self._pending = upd.controls
             if upd.seed_mode is not None:
@@ -131,10 +176,19 @@ class Engine:
             return self._pending
 
     def state(self) -> dict:
-        """What a front end shows: the next chunk's controls, the seed crossfade, counters."""
+        """What a front end shows: the controls as set, the values the next chunk gets from them ("effective":
+        LFOs and a morph applied), the seed crossfade, the presets, counters."""
+        with self._lock:
+            c, k = self._pending, self._next
         xf = self.gen.noise.crossfade
-        return {**self.pending.to_json(), "crossfade": list(xf) if xf else None, "next_chunk": self.chunks,
-                "underruns": self.ring.underruns}
+        store = self.limits.presets
+        return {**c.to_json(), "effective": modulate(c, k, self.limits.window).modulated_json(),
+                "crossfade": list(xf) if xf else None, "next_chunk": k, "underruns": self.ring.underruns,
+                "presets": store.names() if store is not None else None}
+
+    def describe(self) -> dict:
+        """Every control and command with its range and start value (state.describe), for {"help": true}."""
+        return describe(self.limits)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,6 +265,7 @@ class Engine:
 
     def _generate(self) -> None:
         try:
+            self._emit(dict(self.info))
             self.codec.reset()
             if self.warmup is not None:  # the prompt's last chunk: the decoder's past runs into the stream
                 self.codec.decode_next(self.warmup)
@@ -230,22 +285,23 @@ class Engine:
                 return False
         elif not self.ring.wait_until(lambda level: level < self.cfg.prebuffer * CHUNK_SAMPLES, self._stop):
             return False  # stopped while throttled
-        with self._lock:  # after the wait, so a control sent meanwhile is heard in this very chunk
-            controls, mode = self._pending, self._seed_mode
+        index = self.chunks
+        base, mode, cycled = self._take(index)  # after the wait, so a control sent meanwhile is heard in this chunk
+        controls = modulate(base, index, self.limits.window)
         if controls != self.gen.controls:
-            self.gen.configure(controls, mode, self.cfg.crossfade_chunks)
+            self.gen.configure(controls, mode, controls.crossfade_chunks)
         xf = self.gen.noise.crossfade  # the blend this chunk is drawn with
         t0 = time.perf_counter()
+        reasons: list[str] = []
         if heard is not None:
             audio = heard.audio
             if self.cfg.listen == "mix" and self._last_wave is not None:
                 audio = audio + self._last_wave  # the band as it sounded in that moment
-            self.gen.add_context_latents(self.codec.encode(audio)[0])  # (8, 64)
-            z = self.gen.next_chunk(as_context=False)  # (1, 8, 64): the performer's audio is the context, not the guess
-        else:
-            z = self.gen.next_chunk()
-        # clipped once here so the card, the file sinks and --save all get the same, never-wrapping audio
-        wave = self.codec.decode_next(z[0]).float().cpu().clamp(-1.0, 1.0)  # (2, 32768)
+            self._hear(audio, reasons)
+        heard_issues = len(reasons)
+        wave, x0 = self._render(heard is None, reasons)
+        failed = len(reasons) - heard_issues  # drafts that went wrong
+        wave = self._level(wave, controls.gain)  # (2, 32768), within [-1, 1]
         compute = time.perf_counter() - t0
         ahead = self.ring.level
         if not self.ring.write(wave.numpy(), self._stop):
@@ -255,15 +311,115 @@ class Engine:
             self.recorder.write(wave.numpy())
         self._last_wave = wave
         latency = None if heard is None else done - heard.complete_at
-        stats = ChunkStats(index=self.chunks, compute_s=compute, rtf=CHUNK_SECONDS / max(compute, 1e-9),
+        stats = ChunkStats(index=index, compute_s=compute, rtf=CHUNK_SECONDS / max(compute, 1e-9),
                            buffer_s=self.ring.level / SAMPLE_RATE, underruns=self.ring.underruns, latency_s=latency,
                            play_delay_s=None if latency is None else latency + ahead / SAMPLE_RATE)
         self.stats.append(stats)
         self.chunks += 1
         self._compute_total += compute
+        if cycled:
+            self._emit({"event": "seed", "index": index, "seed": base.seed, "reason": "auto_cycle"})
+        if reasons:
+            outcome = "silence" if x0 is None else "regenerated" if failed else "input_left_out"
+            self._emit({"event": "recovered", "index": index, "outcome": outcome, "retries": failed - (x0 is None),
+                        "reasons": reasons})
         self._emit({"event": "chunk", **asdict(stats), "input_index": None if heard is None else heard.index,
-                    "state": {**controls.to_json(), "crossfade": list(xf) if xf else None}})
+                    "state": {**base.to_json(), "effective": controls.modulated_json(),
+                              "crossfade": list(xf) if xf else None}})
+        self._display_events(index, controls, wave, x0)
         return True
+
+    def _take(self, index: int) -> tuple[Controls, str, bool]:
+        """The controls chunk `index` uses, its seed mode, and whether auto-cycling changed the seed for it."""
+        with self._lock:
+            c, cycled = self._pending, False
+            if c.auto_cycle and index > 0 and index % c.auto_cycle == 0:
+                c = apply_message(c, {"seed": derived_seed(c.seed, index), "mode": "crossfade"}, self.limits,
+                                  now=index).controls
+                self._seed_mode, cycled = "crossfade", True
+            if c.morph is not None and c.morph.done(index):  # this chunk arrives, as the set values alone would
+                c = replace(c, morph=None)
+            self._pending, self._next = c, index + 1
+            return c, self._seed_mode, cycled
+
+    def _hear(self, audio: torch.Tensor, reasons: list[str]) -> None:
+        """Make the performer's chunk context; an input that encodes to NaN/inf (or fails) is left out and said so."""
+        try:
+            z = self.codec.encode(audio)[0]  # (8, 64)
+            if not torch.isfinite(z).all():
+                reasons.append("the input chunk encoded to non-finite latents; left out of the context")
+                return
+            self.gen.add_context_latents(z)
+        except Exception as exc:
+            log.exception("encoding the input chunk failed")
+            reasons.append(f"encoding the input failed ({type(exc).__name__}: {exc}); left out of the context")
+
+    def _render(self, as_context: bool, reasons: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This chunk's audio (2, 32768) and its latents (8, 64, normalised; None for a recovery's silence)."""
+        for _ in range(1 + self.cfg.retries):
+            try:
+                x0 = self.gen.draft()  # (B, 8, 64)
+                if not torch.isfinite(x0).all():
+                    reasons.append("non-finite latents")
+                    continue
+                wave = self.codec.decode_next(self.gen.latents(x0)[0]).float().cpu()  # (2, 32768)
+                if not torch.isfinite(wave).all():
+                    reasons.append("non-finite audio")
+                    self.codec.reset()  # its streaming state may hold the bad values
+                    continue
+            except Exception as exc:  # one chunk's failure must not end a performance
+                log.exception("generating a chunk failed")
+                reasons.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                self.codec.reset()
+                continue
+            self.gen.commit(x0, as_context)
+            self._failed = 0
+            if self._silent:  # back from silence: fade in rather than click
+                wave[:, :FADE] *= torch.linspace(0.0, 1.0, FADE)
+                self._silent = False
+            return wave, x0[0]
+        self.gen.skip()
+        self._failed += 1
+        if self._failed >= self.cfg.max_failed_chunks:
+            raise RealtimeError(f"generation failed {self._failed} chunks in a row, each tried "
+                                f"{1 + self.cfg.retries} times (last: {reasons[-1]}); stopping rather than playing "
+                                f"silence. Check the checkpoint (try --weights ema), the device, or lower "
+                                f"temperature and cfg_scale")
+        self._silent = True
+        wave = torch.zeros(CHANNELS, CHUNK_SAMPLES)
+        wave[:, :FADE] = torch.from_numpy(self._tail)[:, None] * torch.linspace(1.0, 0.0, FADE)  # no click
+        return wave, None
+
+    def _level(self, wave: torch.Tensor, gain: float) -> torch.Tensor:
+        """Apply the gain, ramped from the last chunk's; a gain above 1 lifts a chunk at most to LIMIT, and what is
+        still beyond full scale is clipped, so the card, the file sinks and --save get the same, never-wrapping audio."""
+        if gain > 1.0:
+            peak = float(wave.abs().max())
+            gain = max(1.0, min(gain, LIMIT / peak)) if peak > 0 else gain
+        if self._gain is not None and gain != self._gain:
+            wave = wave * torch.linspace(self._gain, gain, CHUNK_SAMPLES)
+        elif gain != 1.0:
+            wave = wave * gain
+        self._gain = gain
+        wave = wave.clamp(-1.0, 1.0)
+        self._tail = wave[:, -1].numpy().copy()
+        return wave
+
+    def _display_events(self, index: int, c: Controls, wave: torch.Tensor, x0: torch.Tensor | None) -> None:
+        """The opt-in "waveform" and "latents" events, each at most max_rate_hz times a second."""
+        opts, now = c.events, self.clock()
+        for kind, wanted in (("waveform", opts.waveform), ("latents", opts.latents and x0 is not None)):
+            if not wanted or now - self._sent.get(kind, -1e9) < 1.0 / opts.max_rate_hz:
+                continue
+            self._sent[kind] = now
+            if kind == "waveform":
+                blocks = wave.reshape(CHANNELS, WAVEFORM_POINTS, -1)  # (2, 128, 256)
+                self._emit({"event": "waveform", "index": index, "points": WAVEFORM_POINTS,
+                            "min": _rounded(blocks.amin(-1)), "max": _rounded(blocks.amax(-1)),
+                            "peak": _rounded(wave.abs().amax(-1)), "rms": _rounded(wave.square().mean(-1).sqrt())})
+            else:
+                self._emit({"event": "latents", "index": index, "space": "normalised", "shape": list(x0.shape),
+                            "grid": _rounded(x0.float().cpu(), 3)})
 
     def _play(self) -> None:
         self.ring.wait_until(lambda level: level >= self.cfg.prebuffer * CHUNK_SAMPLES, self._stop)
@@ -273,3 +429,8 @@ class Engine:
     def _emit(self, event: dict) -> None:
         for listener in list(self._listeners):
             listener(event)
+
+
+def _rounded(t: torch.Tensor, digits: int = 4) -> list:
+    """A tensor as (nested) lists of rounded floats: events stay short as JSON."""
+    return np.round(t.numpy().astype(np.float64), digits).tolist()

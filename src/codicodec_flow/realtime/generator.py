@@ -7,6 +7,9 @@
   context and the steering feeds back into what comes next, as a musician's would.
 - `next_chunk(as_context=False)` leaves the cache alone: with a live input the performer's real
   audio, not the model's guess, fills that moment of the context (`add_context_latents`).
+- A chunk can be drafted, checked and only then committed (`draft`, `latents`, `commit`): a draft that
+  went wrong (NaN, inf) is dropped and drawn again with the noise that follows, and never reaches the
+  cache; `skip` moves the noise on for a chunk that was given up.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from dataclasses import replace
 import torch
 
 from ..generate import StreamGenerator
-from ..latents import normalise
+from ..latents import denormalise, normalise
+from ..solvers import integrate
 from .noise import NoiseSource
 from .state import Controls
 
@@ -70,3 +74,34 @@ class LiveGenerator(StreamGenerator):
 
     def _chunk_done(self) -> None:
         self.noise.advance()
+
+    @torch.inference_mode()
+    def draft(self) -> torch.Tensor:
+        """A candidate next chunk, normalised and steered (B, 8, 64); nothing is kept until commit()."""
+        x1 = self.cfg.temperature * self._noise()  # (B, 8, 64)
+        self.last_noise = x1
+        x0 = integrate(self.velocity, x1, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
+                       self.noise_generator, noise_scale=self.cfg.temperature)
+        return self.shape_output(x0)
+
+    def latents(self, x0: torch.Tensor) -> torch.Tensor:
+        """A draft as raw codec latents (B, 8, 64) on the CPU."""
+        return denormalise(x0.float(), self.stats).cpu()
+
+    @torch.inference_mode()
+    def commit(self, x0: torch.Tensor, as_context: bool = True) -> None:
+        """Keep a draft: it becomes context (unless as_context=False) and the noise moves on to the next chunk."""
+        if as_context:
+            self.add_context(x0)
+        self.skip()
+
+    def skip(self) -> None:
+        """Move on one chunk without keeping one (recovery gave this chunk up)."""
+        self._chunk_done()
+        self.chunks_done += 1
+
+    def next_chunk(self, as_context: bool = True) -> torch.Tensor:
+        """StreamGenerator.next_chunk, as draft + commit."""
+        x0 = self.draft()
+        self.commit(x0, as_context)
+        return self.latents(x0)

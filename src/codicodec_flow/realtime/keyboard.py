@@ -41,10 +41,21 @@ KEYMAP = [  # (keys, what they do): the help screen and the README print this ta
     ("b B", "bias of the selection -0.1 / +0.1"),
     ("r", "reset steering (scale 1, bias 0)"),
     ("R", "reset every control to its start value (the seed stays)"),
+    ("x X", "randomise the selected steering (tokens or channels) / both, spread 0.5"),
+    ("a", "auto-cycle seeds every 32 chunks on / off"),
+    ("o", "every LFO on / off"),
+    ("v V", "gain -0.1 / +0.1 (0..2; limited at full scale)"),
+    ("c C", "crossfade length -1 / +1 chunk"),
+    ("p P", "recall the next / previous preset, morphing over 8 chunks"),
+    ("W", "save the controls as a new preset (key-1, key-2, ...)"),
 ]
+RANDOM_SPREAD = 0.5
+AUTO_CYCLE = 32
+PRESET_MORPH = 8
 _ARROWS = {"\x1b[A": "+", "\x1b[B": "-", "\x1b[C": ".", "\x1b[D": ","}
 _STEPS = {"t": ("temperature", -0.1), "T": ("temperature", 0.1), "g": ("cfg_scale", -0.25),
-          "G": ("cfg_scale", 0.25), "[": ("context_chunks", -1), "]": ("context_chunks", 1)}
+          "G": ("cfg_scale", 0.25), "[": ("context_chunks", -1), "]": ("context_chunks", 1),
+          "v": ("gain", -0.1), "V": ("gain", 0.1), "c": ("crossfade_chunks", -1), "C": ("crossfade_chunks", 1)}
 
 
 @dataclass
@@ -75,6 +86,7 @@ class KeyControls:
     def __init__(self, engine, notify: Callable[[str], None], show_help: Callable[[], None]):
         self.engine, self.notify, self.show_help = engine, notify, show_help
         self.cursor = Cursor()
+        self.preset: str | None = None  # the preset p / P last recalled
 
     def command(self, key: str) -> dict | None:
         """The protocol message for a key, or None for keys handled here (cursor, help) or unknown."""
@@ -100,6 +112,19 @@ class KeyControls:
             return {"reset": "steering"}
         if key == "R":
             return {"reset": "all"}
+        if key in ("x", "X"):
+            what = "both" if key == "X" else self.cursor.target + "s"
+            return {"randomise": {"what": what, "spread": RANDOM_SPREAD}}
+        if key == "a":
+            return {"auto_cycle": 0 if c.auto_cycle else AUTO_CYCLE}
+        if key == "o":
+            if not c.lfos:
+                self.notify("no LFOs set (send them with the JSON protocol or OSC)")
+                return None
+            on = not any(lfo.on for lfo in c.lfos)
+            return {"lfo": [{"id": lfo.id, "on": on} for lfo in c.lfos]}
+        if key in ("p", "P", "W"):
+            return self._preset_command(key)
         if key == "k":
             self.cursor = Cursor("channel" if self.cursor.target == "token" else "token")
         elif key in (",", "."):
@@ -108,10 +133,24 @@ class KeyControls:
             self.show_help()
         return None
 
+    def _preset_command(self, key: str) -> dict | None:
+        store = self.engine.limits.presets
+        names = store.names() if store is not None else []
+        if key == "W":
+            taken = set(names)
+            return {"preset": {"save": next(f"key-{i}" for i in range(1, len(names) + 2) if f"key-{i}" not in taken)}}
+        if not names:
+            self.notify("no presets saved yet (W saves one)")
+            return None
+        at = names.index(self.preset) if self.preset in names else (-1 if key == "p" else 0)
+        self.preset = names[(at + (1 if key == "p" else -1)) % len(names)]
+        return {"preset": {"recall": self.preset, "morph_chunks": PRESET_MORPH}}
+
     def press(self, key: str) -> None:
         msg = self.command(key)
         if msg is None:
-            self.notify(f"steering {self.cursor.label()}")
+            if key not in ("p", "P", "o"):
+                self.notify(f"steering {self.cursor.label()}")
             return
         before = self.engine.pending
         try:
@@ -119,7 +158,11 @@ class KeyControls:
         except ControlError as exc:  # cannot happen for the keys above; say so rather than crash the terminal
             self.notify(f"refused: {exc}")
             return
-        self.notify("quit" if msg.get("quit") else changes(before, self.engine.pending) or "no change (at the limit)")
+        preset = msg.get("preset", {})
+        said = (f"saved preset {preset['save']}" if "save" in preset else
+                f"preset {preset['recall']} (morphing over {PRESET_MORPH} chunks)" if "recall" in preset else None)
+        self.notify("quit" if msg.get("quit") else said or changes(before, self.engine.pending) or
+                    "no change (at the limit)")
 
 
 def changes(before: Controls, after: Controls) -> str:
@@ -127,9 +170,11 @@ def changes(before: Controls, after: Controls) -> str:
     out = []
     for name in Controls.__dataclass_fields__:
         old, new = getattr(before, name), getattr(after, name)
-        if old == new:
+        if old == new or name in ("morph", "events"):
             continue
-        if isinstance(new, tuple):
+        if name == "lfos":
+            out.append("LFOs " + (" ".join(f"{lfo.id}:{'on' if lfo.on else 'off'}" for lfo in new) or "none"))
+        elif isinstance(new, tuple):
             diff = [f"[{i}] {v:g}" for i, (o, v) in enumerate(zip(old, new)) if o != v]
             out.append(name + (" " + " ".join(diff) if len(diff) <= 2 else f" {len(diff)} values"))
         else:

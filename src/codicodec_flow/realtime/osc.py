@@ -7,10 +7,20 @@ engine.submit (state.apply_message), so OSC accepts and refuses exactly what JSO
     /cf/token_scale f f f f f f f f  (or one f)     ->  {"token_scale": [8 numbers]}  (one number: every element)
     /cf/channel_bias/12 0.2  (/cf/add/... nudges)   ->  {"channel_bias": {"index": 12, "value": 0.2}}
     /cf/seed 123 [crossfade|cut]  /cf/seed random   ->  {"seed": 123, "mode": ...}
-    /cf/reset steering|all   /cf/get [state]   /cf/help   /cf/quit   /cf/json '{"set": {...}}'
+    /cf/reset steering|lfos|all   /cf/get [state|info]   /cf/help   /cf/quit   /cf/json '{"set": {...}}'
+    /cf/lfo/ID target temperature depth 0.3 rate 8  ->  {"lfo": {"id": ID, "target": ..., "depth": ..., "rate": ...}}
+    /cf/lfo/ID/depth 0.3   /cf/lfo/ID/on 0          ->  {"lfo": {"id": ID, "depth": 0.3}}, ... "on": false
+    /cf/lfo/ID/remove                               ->  {"lfo": {"id": ID, "remove": true}}
+    /cf/preset/save NAME   /cf/preset/delete NAME   ->  {"preset": {"save": NAME}}, ...
+    /cf/preset/recall NAME [MORPH_CHUNKS]           ->  {"preset": {"recall": NAME, "morph_chunks": N}}
+    /cf/randomise tokens|channels|both [SPREAD]     ->  {"randomise": {"what": ..., "spread": ...}}
+    /cf/events/waveform 1  (latents, max_rate_hz)   ->  {"events": {"waveform": true}}
 Replies go to the sender (or to its host at --osc-reply-port): /cf/ok ADDRESS, /cf/error MESSAGE ADDRESS,
-/cf/state JSON, /cf/help LINE (one per address form); every client heard from in the last idle_s gets
-/cf/chunk index rtf buffer_s underruns per chunk and /cf/end chunks rtf underruns at the end.
+/cf/state JSON, /cf/ready JSON (to /cf/get info, and to everyone at the start), /cf/help LINE (one per
+address form); every client heard from in the last idle_s gets /cf/chunk index rtf buffer_s underruns per
+chunk, /cf/cycled index seed, /cf/recovered index outcome retries, the opt-in /cf/waveform index v1..v128
+(each point's peak, both channels) and /cf/latents index v1..v512 (8 x 64, row by row), and
+/cf/end chunks rtf underruns at the end.
 UDP has no connections and OSC no authentication: the port listens on 127.0.0.1 unless the user names
 another interface. Replies and events leave through one bounded queue and one sender thread, so a
 client that vanishes costs at most a full queue (events dropped, counted), never the engine's time.
@@ -30,22 +40,32 @@ from pythonosc.osc_packet import OscPacket, ParseError
 
 from ..errors import FlowError
 from .protocol import ConnectionLimits, handle_line, handle_message
-from .state import VECTORS, ControlError, Controls
+from .modulation import LFO_KEYS
+from .state import GET_WHAT, INTEGERS as INTEGER_CONTROLS, SETTABLE, VECTORS, ControlError
 
 PREFIX = "/cf"
-CONTROLS = tuple(Controls.__dataclass_fields__)
-INTEGERS = ("nfe", "context_chunks", "seed")  # Pd and many controllers send only floats: 4.0 means 4 here
+CONTROLS = SETTABLE
+INTEGERS = (*INTEGER_CONTROLS, "seed")  # Pd and many controllers send only floats: 4.0 means 4 here
 BUTTONS = {"help": {"help": True}, "quit": {"quit": True}, "get": {"get": "state"}}
+PRESET_VERBS = ("save", "recall", "delete")
+EVENT_OPTIONS = ("waveform", "latents", "max_rate_hz")
 OSC_HELP = (
     "/cf/NAME VALUE or /cf/set/NAME VALUE: set a control (" + ", ".join(CONTROLS) + ")",
     "/cf/add/NAME DELTA: nudge a numeric control, clamped to its range",
     "/cf/token_scale 8 numbers (or one for all); /cf/token_scale/3 0.5: one element; the same for "
     "token_bias and channel_scale, channel_bias (64, index 0..63); /cf/add/channel_bias/12 0.1 nudges one",
     "/cf/seed 123 [crossfade|cut]; /cf/seed random [crossfade|cut]",
-    "/cf/reset steering|all; /cf/get state; /cf/help; /cf/quit",
+    "/cf/reset steering|lfos|all; /cf/get [state|info]; /cf/help; /cf/quit",
+    "/cf/lfo/ID FIELD VALUE ... (fields: " + ", ".join(k for k in LFO_KEYS if k not in ("id", "remove")) + "), "
+    "e.g. /cf/lfo/wobble target temperature shape sine rate 8 unit chunks depth 0.3; /cf/lfo/ID/FIELD VALUE; "
+    "/cf/lfo/ID/remove",
+    "/cf/preset/save NAME; /cf/preset/recall NAME [MORPH_CHUNKS]; /cf/preset/delete NAME",
+    "/cf/randomise tokens|channels|both [SPREAD]; /cf/gain 0.8; /cf/auto_cycle 32; /cf/crossfade_chunks 4",
+    "/cf/events/waveform 1|0; /cf/events/latents 1|0; /cf/events/max_rate_hz 10",
     "/cf/json '{\"set\": {\"temperature\": 0.8, \"solver\": \"heun\"}}': any JSON command, applied all at once",
-    "replies: /cf/ok ADDRESS, /cf/error MESSAGE ADDRESS, /cf/state JSON; "
-    "per chunk: /cf/chunk index rtf buffer_s underruns; at the end: /cf/end chunks rtf underruns",
+    "replies: /cf/ok ADDRESS, /cf/error MESSAGE ADDRESS, /cf/state JSON, /cf/ready JSON; "
+    "per chunk: /cf/chunk index rtf buffer_s underruns (and /cf/cycled, /cf/recovered, /cf/waveform, /cf/latents); "
+    "at the end: /cf/end chunks rtf underruns",
 )
 
 
@@ -62,7 +82,9 @@ def osc_command(address: str, args: list) -> dict | str | None:
     head, rest = parts[1], parts[2:]
     args = [_value(a) for a in args]
     if head in BUTTONS and not rest:
-        if head == "get" and args in ([], ["state"]):
+        if head == "get" and len(args) == 1 and args[0] in GET_WHAT:
+            return {"get": args[0]}
+        if head == "get" and not args:
             return BUTTONS[head]
         if not args or (len(args) == 1 and args[0] in (1, True)):
             return BUTTONS[head]
@@ -76,6 +98,19 @@ def osc_command(address: str, args: list) -> dict | str | None:
         return args[0]
     if head == "reset" and not rest:
         return {"reset": _one(address, args)}
+    if head == "lfo":
+        return {"lfo": _lfo(address, rest, args)}
+    if head == "preset" and len(rest) == 1 and rest[0] in PRESET_VERBS:
+        if rest[0] == "recall" and len(args) == 2:
+            return {"preset": {"recall": args[0], "morph_chunks": _integral(args[1])}}
+        return {"preset": {rest[0]: _one(address, args)}}
+    if head == "randomise" and not rest:
+        if len(args) not in (1, 2):
+            raise ControlError(f"{address} takes tokens, channels or both, and optionally a spread, got {_count(args)}")
+        return {"randomise": {"what": args[0], **({"spread": args[1]} if len(args) == 2 else {})}}
+    if head == "events" and len(rest) == 1 and rest[0] in EVENT_OPTIONS:
+        value = _one(address, args)
+        return {"events": {rest[0]: value if rest[0] == "max_rate_hz" else _flag(value)}}
     if head == "seed" and not rest:
         if len(args) not in (1, 2):
             raise ControlError(f"{address} takes a seed (or random) and optionally crossfade or cut, "
@@ -107,6 +142,36 @@ def osc_command(address: str, args: list) -> dict | str | None:
     return {verb: {head: value}}
 
 
+def _lfo(address: str, rest: list[str], args: list) -> dict:
+    """/cf/lfo/ID FIELD VALUE ..., /cf/lfo/ID/FIELD VALUE or /cf/lfo/ID/remove as one LFO message."""
+    if not rest or len(rest) > 2:
+        raise ControlError(f"{address}: use {PREFIX}/lfo/ID FIELD VALUE ..., {PREFIX}/lfo/ID/FIELD VALUE or "
+                           f"{PREFIX}/lfo/ID/remove")
+    spec: dict = {"id": rest[0]}
+    if len(rest) == 2 and rest[1] == "remove":
+        if args not in ([], [1], [True]):
+            raise ControlError(f"{address} takes no argument (or 1, as a button sends), got {_count(args)}")
+        return {**spec, "remove": True}
+    if len(rest) == 2:
+        pairs = [(rest[1], _one(address, args))]
+    else:
+        if not args or len(args) % 2:
+            raise ControlError(f"{address} takes FIELD VALUE pairs, e.g. target temperature depth 0.3, "
+                               f"got {_count(args)}")
+        pairs = list(zip(args[::2], args[1::2]))
+    for name, value in pairs:
+        if name not in LFO_KEYS or name in ("id", "remove"):
+            raise ControlError(f"{address}: unknown LFO field {name!r}; fields: "
+                               f"{', '.join(k for k in LFO_KEYS if k not in ('id', 'remove'))}")
+        spec[name] = _flag(value) if name == "on" else _integral(value) if name in ("index", "seed") else value
+    return spec
+
+
+def _flag(v):
+    """A toggle's 1/0 (or true/false) as JSON's true/false; anything else is left for apply_message to refuse."""
+    return bool(v) if v in (0, 1) and not isinstance(v, str) else v
+
+
 def handle_osc(engine, address: str, args: list) -> list[tuple[str, list]]:
     """Apply one OSC message to the engine; the OSC replies for the client that sent it."""
     try:
@@ -131,8 +196,21 @@ def event_messages(event: dict, address: str = "") -> list[tuple[str, list]]:
         return [(f"{PREFIX}/state", [json.dumps(event["state"], separators=(",", ":"))])]
     if kind == "help":
         return [(f"{PREFIX}/help", [line]) for line in OSC_HELP]
+    if kind == "ready":
+        return [(f"{PREFIX}/ready", [json.dumps({k: v for k, v in event.items() if k != "event"},
+                                                separators=(",", ":"))])]
     if kind == "chunk":
         return [(f"{PREFIX}/chunk", [event["index"], event["rtf"], event["buffer_s"], event["underruns"]])]
+    if kind == "seed":
+        return [(f"{PREFIX}/cycled", [event["index"], event["seed"]])]
+    if kind == "recovered":
+        return [(f"{PREFIX}/recovered", [event["index"], event["outcome"], event["retries"]])]
+    if kind == "waveform":
+        lo, hi = event["min"], event["max"]  # (2, points) each
+        return [(f"{PREFIX}/waveform", [event["index"], *(max(-a, b, -c, d) for a, b, c, d in
+                                                          zip(lo[0], hi[0], lo[1], hi[1]))])]
+    if kind == "latents":
+        return [(f"{PREFIX}/latents", [event["index"], *(v for row in event["grid"] for v in row)])]
     if kind == "end":
         return [(f"{PREFIX}/end", [event["chunks"], event["rtf"], event["underruns"]])]
     return []

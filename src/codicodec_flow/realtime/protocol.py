@@ -5,9 +5,14 @@ In: one JSON object per line, the commands of state.py, e.g.
 Out: one JSON object per line, each with an "event":
     {"event": "ok"}                                   a command was accepted; it applies from the next chunk
     {"event": "state", "state": {...}}                the answer to {"get": "state"}
-    {"event": "help", "commands": {...}}              the answer to {"help": true}
+    {"event": "ready", "sample_rate", "window", ...}  the model's facts: at the start, and the answer to {"get": "info"}
+    {"event": "help", "commands": {...}, "reference": {...}}  the answer to {"help": true}: examples, and every
+                                                      control's type, range and start value (state.describe)
     {"event": "error", "message": "..."}              a malformed message; nothing was changed
     {"event": "chunk", "index", "compute_s", "rtf", "buffer_s", "underruns", "latency_s", "state": {...}}
+    {"event": "seed", "index", "seed", "reason"}      auto-cycling changed the seed
+    {"event": "recovered", "index", "outcome", "retries", "reasons"}  a chunk went wrong and was redrawn or silenced
+    {"event": "waveform", ...} / {"event": "latents", ...}  opt-in display events ({"events": {...}})
     {"event": "end", "chunks", "rtf", ...}            the session's summary
 Transports: stdin/stdout, or a TCP port on 127.0.0.1 only (never reachable from another machine);
 websocket.py adds a WebSocket port for web pages, osc.py OSC over UDP for music software (through
@@ -40,8 +45,19 @@ HELP = {
     "add": '{"add": {"temperature": -0.1, "context_chunks": 1, "token_bias": {"index": 2, "value": 0.1}}}  (clamped)',
     "vectors": '{"token_scale": [8 numbers]}, {"channel_bias": {"index": 3, "value": 0.5}}, {"token_bias": 0.2}',
     "seed": '{"seed": 123, "mode": "crossfade"}  or  {"seed": "random", "mode": "cut"}',
-    "reset": '{"reset": "steering"}  (scale/bias)  or  {"reset": "all"}  (everything but the seed)',
-    "get": '{"get": "state"}', "quit": '{"quit": true}', "help": '{"help": true}',
+    "controls": '{"gain": 0.8}  (0..2, limited at full scale), {"crossfade_chunks": 8}, {"auto_cycle": 32}  '
+                '(a new seed every 32 chunks; 0 off)',
+    "lfo": '{"lfo": {"id": "wobble", "target": "temperature", "shape": "sine", "rate": 8, "unit": "chunks", '
+           '"depth": 0.3, "on": true}}  (a list sets several; {"lfo": {"id": "wobble", "remove": true}})',
+    "preset": '{"preset": {"save": "verse"}}, {"preset": {"recall": "verse", "morph_chunks": 16}}, '
+              '{"preset": {"delete": "verse"}}',
+    "randomise": '{"randomise": {"what": "tokens", "spread": 0.5}}  (tokens | channels | both; optional "seed", '
+                 '"morph_chunks")',
+    "morph_chunks": '{"set": {"temperature": 1.5}, "morph_chunks": 8}  (glide what the message changes)',
+    "events": '{"events": {"waveform": true, "latents": true, "max_rate_hz": 10}}',
+    "reset": '{"reset": "steering"}  (scale/bias), {"reset": "lfos"}  or  {"reset": "all"}  (everything but the seed)',
+    "get": '{"get": "state"}  or  {"get": "info"}  (the ready event again)', "quit": '{"quit": true}',
+    "help": '{"help": true}',
 }
 MAX_LINE = 64 * 1024  # longer lines are refused rather than buffered without bound
 
@@ -84,10 +100,12 @@ def handle_message(engine, msg: object) -> list[dict]:
     except ControlError as exc:
         return [_error(str(exc))]
     replies: list[dict] = [{"event": "ok", **({"quit": True} if upd.quit else {})}]
-    if upd.get:
+    if upd.get == "state":
         replies.append({"event": "state", "state": engine.state()})
+    elif upd.get == "info":
+        replies.append(dict(engine.info))
     if upd.help:
-        replies.append({"event": "help", "commands": HELP})
+        replies.append({"event": "help", "commands": HELP, "reference": engine.describe()})
     return replies
 
 

@@ -21,6 +21,7 @@ from .ort_backend import BACKENDS, OrtLiveGenerator, load_onnx
 from .midi import MidiControl, open_input
 from .midi_map import load_map
 from .osc import exposed, exposure_warning
+from .presets import PresetStore
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
 from .state import Controls, Limits, apply_message
@@ -58,6 +59,11 @@ class RealtimeConfig:
     midi: str | None = None  # a MIDI input: "virtual", a port index or (part of) its name; None: no MIDI
     midi_map: str | None = None  # the mapping file (JSON; learn writes it); None or absent: midi.DEFAULT_MAP
     midi_learn: str | None = None  # bind the first knob moved to this control
+    crossfade_chunks: int = Controls.crossfade_chunks  # start value of the live control
+    gain: float = Controls.gain  # start value of the live control
+    weights: str = "ema"  # "raw": last.pt's raw training weights instead of the EMA ones
+    presets: str | None = None  # the preset folder; None: presets.default_dir()
+    preset: str | None = None  # a saved preset to start from
 
     @property
     def paced(self) -> bool:
@@ -72,12 +78,16 @@ class SessionResult:
     saved: Path | None = None
 
 
-def initial_controls(cfg: RealtimeConfig, window: int) -> Controls:
-    """The start values, validated exactly like a live command (a bad flag reads like a bad message)."""
+def initial_controls(cfg: RealtimeConfig, window: int, presets: PresetStore | None = None) -> Controls:
+    """The start values, validated exactly like a live command (a bad flag reads like a bad message); --preset
+    then recalls a saved state over them."""
     s = cfg.sample
     start = {"solver": s.solver, "nfe": s.nfe, "temperature": s.temperature, "cfg_scale": s.cfg_scale,
-             "context_chunks": window if cfg.context_chunks is None else cfg.context_chunks, "seed": s.seed}
-    return apply_message(Controls(context_chunks=window), {"set": start}, Limits(window)).controls
+             "context_chunks": window if cfg.context_chunks is None else cfg.context_chunks, "seed": s.seed,
+             "crossfade_chunks": cfg.crossfade_chunks, "gain": cfg.gain}
+    limits = Limits(window, presets=presets)
+    c = apply_message(Controls(context_chunks=window), {"set": start}, limits).controls
+    return c if cfg.preset is None else apply_message(c, {"preset": {"recall": cfg.preset}}, limits).controls
 
 
 def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> SessionResult:
@@ -104,9 +114,10 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
         dev = resolve_device("cpu" if cfg.backend == "onnxruntime" and cfg.device == "auto" else cfg.device)
         if cfg.backend == "onnxruntime" and dev.type != "cpu":
             raise FlowError(f"--backend onnxruntime runs on the CPU; use --device cpu or auto, not {cfg.device}")
-        bundle = load_bundle(cfg.ckpt, dev)
+        bundle = load_bundle(cfg.ckpt, dev, cfg.weights)
         window = bundle.model_cfg.context_chunks
-        controls = initial_controls(cfg, window)
+        presets = PresetStore(cfg.presets)
+        controls = initial_controls(cfg, window, presets)
         codec = bundle.open_codec(dev, cfg.codec_ckpt, cfg.trust_codec_ckpt)
         source = None
         if cfg.input_wav:
@@ -126,7 +137,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             gen.prefill(prompt)
             warmup = prompt[-1]  # (8, 64): the decoder starts from the prompt's sound
         recorder = resources.hold(WavWriter(cfg.save)) if cfg.save else None
-        engine = Engine(gen, codec, sink, cfg.engine, controls, recorder, source, warmup)
+        engine = Engine(gen, codec, sink, cfg.engine, controls, recorder, source, warmup, presets,
+                        {"checkpoint": bundle.path, "step": bundle.step, "weights": bundle.weights})
         control = open_control(cfg.control, engine, stdin, stdout, origins, cfg.osc_host or "127.0.0.1",
                                cfg.osc_reply_port)
         if control is not None:
