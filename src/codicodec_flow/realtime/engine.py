@@ -351,7 +351,8 @@ class Engine:
                 return
             self.gen.add_context_latents(z)
         except Exception as exc:
-            log.exception("encoding the input chunk failed")
+            log.warning(f"chunk {self.chunks}: encoding the input failed ({type(exc).__name__}: {exc})",
+                        exc_info=log.isEnabledFor(logging.DEBUG))
             reasons.append(f"encoding the input failed ({type(exc).__name__}: {exc}); left out of the context")
 
     def _render(self, as_context: bool, reasons: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,12 +368,13 @@ class Engine:
                     reasons.append("non-finite audio")
                     self.codec.reset()  # its streaming state may hold the bad values
                     continue
+                self.gen.commit(x0, as_context)
             except Exception as exc:  # one chunk's failure must not end a performance
-                log.exception("generating a chunk failed")
                 reasons.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                log.warning(f"chunk {self.chunks}: {reasons[-1]}; drawing it again",
+                            exc_info=log.isEnabledFor(logging.DEBUG))  # the traceback only when asked for
                 self.codec.reset()
                 continue
-            self.gen.commit(x0, as_context)
             self._failed = 0
             if self._silent:  # back from silence: fade in rather than click
                 wave[:, :FADE] *= torch.linspace(0.0, 1.0, FADE)
