@@ -51,12 +51,17 @@ def ar_latents(chunks: int, rho: float = 0.95, seed: int = 0) -> torch.Tensor:
     return z
 
 
-def write_latent_dir(root: Path, files: dict[str, torch.Tensor]) -> Path:
-    """Shards + manifest for {source name: (T, 8, 64) latents}, as preprocess would write them."""
-    from codicodec_flow.data.shards import build_manifest, save_shard
+def write_latent_dir(root: Path, files: dict[str, torch.Tensor], storage: str = "pt", segment: int = 0) -> Path:
+    """Shards + manifest for {source name: (T, 8, 64) latents}, as preprocess would write them: in `storage`
+    (pt, float32, float16), in segments of `segment` chunks (0: one shard per file)."""
+    from codicodec_flow.data.shards import build_manifest, save_shard, shard_suffix
     for name, z in files.items():
-        save_shard(root / f"{name}.0000.pt", z, {"source": name, "segment": 0, "n_segments": 1, "codec": "spectral",
-                                                 "codec_version": "1", "chunks": z.shape[0]})
+        size = segment or z.shape[0]
+        parts = [z[a:a + size] for a in range(0, z.shape[0], size)]
+        for i, part in enumerate(parts):
+            save_shard(root / f"{name}.{i:04d}{shard_suffix(storage)}", part,
+                       {"source": name, "segment": i, "n_segments": len(parts), "codec": "spectral",
+                        "codec_version": "1", "chunks": part.shape[0]}, storage)
     build_manifest(root)
     return root
 

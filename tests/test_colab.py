@@ -78,7 +78,7 @@ def test_small_run_executes_top_to_bottom(tmp_path, monkeypatch):
     latents = ns["latents_dir"]
     assert latents.parent == work / "latents" and (latents / "manifest.json").exists()
     assert len(json.loads((latents / "manifest.json").read_text())["shards"]) == 3
-    assert len(list(latents.rglob("*.0000.pt"))) == 3
+    assert len(list(latents.rglob("*.0000.npy"))) == 3  # a new folder: float32 arrays
 
     run = ns["run_dir"]
     ema = torch.load(run / "ema.pt", weights_only=True)

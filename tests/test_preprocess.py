@@ -52,7 +52,7 @@ def test_messy_folder(messy, tmp_path):
     assert "shorter than one codec chunk" in failed["tiny.wav"]
     assert "notes.txt" not in failed and ".hidden.wav" not in failed
     # folder structure mirrored; 5 s at 1.5 s per shard (2 chunks) -> 7 chunks in shards of 2, 2, 2, 1
-    s = shards.load_shard(out / "sub" / "deeper" / "c_22k.ogg.0000.pt")
+    s = shards.load_shard(out / "sub" / "deeper" / "c_22k.ogg.0000.npy")  # a new folder's storage: float32 arrays
     assert s.latents.shape == (2, 8, 64) and s.meta["source"] == "sub/deeper/c_22k.ogg"
     long = [shards.load_shard(shard_path(out, Path("long.wav"), i)) for i in range(4)]
     assert [x.latents.shape[0] for x in long] == [2, 2, 2, 1]
@@ -103,22 +103,28 @@ def test_shrunk_file_drops_stale_segments(messy, tmp_path):
     assert shard_path(out, Path("long.wav"), 1).exists() and not shard_path(out, Path("long.wav"), 2).exists()
 
 
-def test_interrupted_write_leaves_nothing_half_written(messy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("storage", ["pt", "float16"])
+def test_interrupted_write_leaves_nothing_half_written(messy, tmp_path, monkeypatch, storage):
+    import numpy as np
     out = tmp_path / "lat"
-    run_preprocess(cfg(messy, out), plain=True)
-    target = shard_path(out, Path("a_stereo48k.wav"), 0)
-    before = target.read_bytes()
-    real_save = torch.save
+    run_preprocess(cfg(messy, out, storage=storage), plain=True)
+    target = shard_path(out, Path("a_stereo48k.wav"), 0, storage)
+    before = {p: p.read_bytes() for p in (target, target.with_suffix(".json")) if p.exists()}
 
-    def dying_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        Path(f).write_bytes(Path(f).read_bytes()[:100])  # truncated, then the process "dies"
+    def truncate_and_die(path):
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # truncated, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    if storage == "pt":
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (real_save(obj, f, *a, **k), truncate_and_die(f)))
+    else:
+        real_write = np.lib.format.write_array
+        monkeypatch.setattr(np.lib.format, "write_array",
+                            lambda fh, arr, *a, **k: (real_write(fh, arr, *a, **k), fh.flush(), truncate_and_die(fh.name)))
     with pytest.raises(KeyboardInterrupt):
-        run_preprocess(cfg(messy, out, overwrite=True), plain=True)
-    assert target.read_bytes() == before
+        run_preprocess(cfg(messy, out, overwrite=True, storage=storage), plain=True)
+    assert {p: p.read_bytes() for p in before} == before and len(before) == (1 if storage == "pt" else 2)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -290,3 +296,39 @@ def test_stale_temporaries_of_a_killed_run_are_removed(messy, tmp_path):
     mine.write_text("not ours")
     run_preprocess(cfg(messy, out), plain=True)
     assert not left.exists() and mine.exists()
+
+
+def test_storage_auto_keeps_a_folders_own_and_another_converts_it(messy, tmp_path, capsys):
+    """An older .pt folder stays .pt under the default (nothing re-encoded); --storage float16 converts its shards
+    without re-encoding; --convert needs no audio; parallel parts may not convert; a new folder gets float32."""
+    out = tmp_path / "lat"
+    first = run_preprocess(cfg(messy, out, storage="pt"), plain=True)
+    n = len(shards.find_shards(out))
+    again = run_preprocess(cfg(messy, out), plain=True)  # auto
+    assert again.encoded == [] and again.manifest["storage"] == "pt" and len(list(out.rglob("*.pt"))) == n
+    with pytest.raises(FlowError, match="--convert float16 --out-dir"):
+        run_preprocess(cfg(messy, out, storage="float16", num_shards=2), plain=True)
+    half = run_preprocess(cfg(messy, out, storage="float16"), plain=True)
+    assert half.encoded == [] and sorted(half.up_to_date) == sorted(first.encoded)  # converted, not re-encoded
+    assert half.manifest["storage"] == "float16" and not list(out.rglob("*.pt"))
+    assert {shards.shard_storage(p) for p in shards.find_shards(out)} == {"float16"} and len(shards.find_shards(out)) == n
+    assert main(["preprocess", "--out-dir", str(out), "--convert", "float32"]) == 0
+    assert "converted 9 shard(s) to float32" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["storage"] == "float32" and manifest["preprocess"]["in_dir"] == str(messy)  # the record is kept
+    assert run_preprocess(cfg(messy, out), plain=True).encoded == []
+    fresh = run_preprocess(cfg(messy, tmp_path / "new"), plain=True)
+    assert fresh.manifest["storage"] == "float32" and shard_path(tmp_path / "new", Path("long.wav"), 3).exists()
+    assert main(["preprocess", "--out-dir", str(out)]) == 2
+    assert "--in-dir is needed" in capsys.readouterr().err
+
+
+def test_float16_shards_match_float32_within_half_precision(messy, tmp_path):
+    a = run_preprocess(cfg(messy, tmp_path / "f32"), plain=True)
+    b = run_preprocess(cfg(messy, tmp_path / "f16", storage="float16"), plain=True)
+    assert a.manifest["storage"] == "float32" and b.manifest["storage"] == "float16"
+    x = torch.cat([shards.load_shard(p).latents for p in shards.find_shards(tmp_path / "f32")])
+    y = torch.cat([shards.load_shard(p).latents for p in shards.find_shards(tmp_path / "f16")])
+    assert ((x - y).abs() <= torch.clamp(x.abs() * 2.0 ** -11, min=2.0 ** -25)).all() and not torch.equal(x, y)
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*.npy"))  # noqa: E731
+    assert size(tmp_path / "f16") < 0.55 * size(tmp_path / "f32")

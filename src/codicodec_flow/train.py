@@ -26,7 +26,8 @@ from .codec import CHUNK_SECONDS, load_codec
 from .codec.audio import write_wav
 from .codec.prompt import decode_latents
 from .config import MODEL_PRESETS, FlowConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
-from .data.dataset import LatentData, load_latents, random_crops, step_generator, validation_crops
+from .data.dataset import LatentData, load_latents, validation_crops
+from .data.loader import MicroBatch, StepCrops, step_batches
 from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
 from .generate import StreamGenerator
@@ -204,6 +205,8 @@ def setup(run: Run) -> Trainer:
                         f"(tokens per chunk); e.g. {max(1, cfg.crop_tokens // mcfg.chunk_tokens) * mcfg.chunk_tokens}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise FlowError("--batch-size and --grad-accum must be at least 1")
+    if cfg.num_workers < 0:
+        raise FlowError(f"--num-workers must be 0 (crops read in the training process) or more, got {cfg.num_workers}")
     rank, world, device = _dist_setup(cfg.device)
     data = load_latents(cfg.data_dir, cfg.val_fraction)
     if run.resume_from is not None:
@@ -227,15 +230,21 @@ def setup(run: Run) -> Trainer:
                    sched, step)
 
 
-def optimiser_step(tr: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step over grad_accum micro-batches, then the EMA; (mean loss on the device, gradient norm)."""
+def step_crops(tr: Trainer) -> StepCrops:
+    """This rank's crops for the steps from tr.step to max_steps (each a function of seed, rank and step)."""
+    cfg = tr.run.train
+    return StepCrops(tr.data.train, tr.data.stats, cfg.batch_size, tr.crop_chunks, cfg.grad_accum, cfg.seed, tr.rank,
+                     tr.step, cfg.max_steps)
+
+
+def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step over the step's grad_accum micro-batches of crops, then the EMA; (mean loss on the device,
+    gradient norm)."""
     cfg, fcfg, mcfg = tr.run.train, tr.run.flow, tr.run.model
     tr.model.train()
     loss_sum = torch.zeros((), device=tr.device)
-    for micro in range(cfg.grad_accum):
-        g = step_generator(cfg.seed, tr.rank, tr.step, micro)
-        x, valid = random_crops(tr.data.train, tr.data.stats, cfg.batch_size, tr.crop_chunks, g)
-        batch = training_batch(x, valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g).to(tr.device)
+    for micro, mb in enumerate(crops):
+        batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, mb.generator()).to(tr.device)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if tr.world == 1 or last else tr.net.no_sync():
             with autocast(tr.device, tr.amp):
@@ -286,9 +295,9 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * tr.world * cfg.crop_tokens
     interval_loss, interval_start = torch.zeros((), device=tr.device), tr.step
     metrics: dict = {}
-    with monitor:
-        while tr.step < cfg.max_steps:
-            loss, grad_norm = optimiser_step(tr)
+    with monitor, step_batches(step_crops(tr), cfg.num_workers) as batches:
+        for crops in batches:
+            loss, grad_norm = optimiser_step(tr, crops)
             interval_loss += loss
             step = tr.step
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -334,7 +343,7 @@ def audio_sample_hook(continuation: bool = False, seconds: float = 8.0, codec_ck
         lead = None
         files = data.val or data.train
         if continuation and files:
-            lead = files[0].latents[: max(1, min(8, files[0].chunks - 1))]  # up to ~5.5 s of a held-out file
+            lead = files[0].read(0, max(1, min(8, files[0].chunks - 1)))  # up to ~5.5 s of a held-out file
             gen.prefill(lead)
         z = gen.generate(math.ceil(seconds / CHUNK_SECONDS))[0]
         seq = z if lead is None else torch.cat([lead, z])

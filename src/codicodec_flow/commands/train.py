@@ -25,6 +25,8 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--audio-sample-every", "audio_sample_every", int, "steps between audio samples (0 disables)"),
     ("--log-every", "log_every", int, "steps between log lines"),
     ("--seed", "seed", int, "seed for weights, crops and noise"),
+    ("--num-workers", "num_workers", int, "background processes that read the crops ahead (0: the training process "
+                                          "reads them); the crops are the same either way"),
 ]
 _MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_layers", int, "transformer blocks"),
                 ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),

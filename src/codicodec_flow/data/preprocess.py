@@ -1,7 +1,9 @@
 """Audio folder -> latent shards mirroring its structure, a manifest and latent statistics.
 
 Idempotent and resumable: a file whose shards already match its size, mtime, codec and segment
-length is skipped. Bad files are reported and skipped; they never stop the run.
+length is skipped. Bad files are reported and skipped; they never stop the run. Shards are written in the
+folder's storage (shards.py): the one it already holds, float32 arrays for a new folder, or the one asked for
+(the folder's shards are converted to it first, without re-encoding).
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ import torch
 from ..codec import CHUNK_SAMPLES, SAMPLE_RATE, Codec, load_codec
 from ..codec.audio import AUDIO_SUFFIXES, audio_info, iter_audio_blocks
 from ..config import PreprocessConfig
-from ..errors import AudioError, CodecError, FlowError
+from ..errors import AudioError, CodecError, DataError, FlowError
 from ..util.devices import resolve_device
 from ..util.fsutil import name_max, remove_stale_temporaries
 from ..util.progress import Reporter
-from .shards import SHARD_SUFFIX, build_manifest, load_shard, read_meta, save_shard
+from .shards import (NEW_FOLDER_STORAGE, STORAGES, build_manifest, convert_folder, folder_storages, load_shard,
+                     meta_path, mixed_storage_error, read_meta, remove_shard, save_shard, shard_suffix)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,28 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def shard_path(out_dir: Path, rel: Path, segment: int) -> Path:
-    return out_dir / rel.parent / f"{rel.name}.{segment:04d}{SHARD_SUFFIX}"
+def shard_path(out_dir: Path, rel: Path, segment: int, storage: str = NEW_FOLDER_STORAGE) -> Path:
+    return out_dir / rel.parent / f"{rel.name}.{segment:04d}{shard_suffix(storage)}"
+
+
+def resolve_storage(out_dir: Path, requested: str, parallel: bool = False) -> str:
+    """The storage to write into out_dir: for "auto" the one its shards are in (float32 for a folder without shards);
+    one that differs from the folder's converts the folder first (refused when parts run in parallel)."""
+    if requested not in ("auto", *STORAGES):
+        raise FlowError(f"--storage {requested!r}: choose auto, {', '.join(STORAGES)}")
+    held = folder_storages(out_dir) if out_dir.is_dir() else {}
+    if requested == "auto":
+        if len(held) > 1:
+            raise mixed_storage_error(out_dir, held)
+        return next(iter(held), NEW_FOLDER_STORAGE)
+    if set(held) - {requested}:
+        if parallel:
+            raise FlowError(f"--storage {requested}: {out_dir} already holds shards in {', '.join(sorted(held))}; "
+                            f"convert it first (`codicodec-flow preprocess --convert {requested} --out-dir {out_dir}`), "
+                            f"then run the parts")
+        log.info(f"{out_dir}: converting its shards to {requested} (no re-encoding)")
+        convert_folder(out_dir, requested, manifest=False)
+    return requested
 
 
 def segment_chunks(max_seconds: float) -> int:
@@ -123,6 +146,7 @@ def run_preprocess(cfg: PreprocessConfig, plain: bool | None = None) -> Preproce
         raise FlowError(f"--max-seconds must be positive, got {cfg.max_seconds}")
     if not (cfg.num_shards >= 1 and 0 <= cfg.shard_index < cfg.num_shards):
         raise FlowError(f"--shard-index {cfg.shard_index} must lie in [0, --num-shards {cfg.num_shards})")
+    storage = resolve_storage(out_dir, cfg.storage, parallel=cfg.num_shards > 1)
     scan = scan_audio(in_dir)
     if not scan.files:
         raise FlowError(f"--in-dir {in_dir}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})")
@@ -137,7 +161,7 @@ def run_preprocess(cfg: PreprocessConfig, plain: bool | None = None) -> Preproce
         log.info(f"removed {len(stale)} temporary file(s) left in {out_dir} by an interrupted run")
     with Reporter(len(mine), f"encoding ({cfg.codec})", plain=plain) as bar:
         for rel in mine:
-            note = _process_file(codec, cfg, in_dir, out_dir, rel, report)
+            note = _process_file(codec, cfg, storage, in_dir, out_dir, rel, report)
             bar.advance(f"{rel.as_posix()}: {note}")
     if cfg.num_shards == 1 and report.ok:
         report.manifest = finalize(out_dir, cfg)
@@ -150,7 +174,7 @@ def finalize(out_dir: str | Path, cfg: PreprocessConfig | None = None) -> dict:
     return build_manifest(out_dir, extra)
 
 
-def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Path, rel: Path,
+def _process_file(codec: Codec, cfg: PreprocessConfig, storage: str, in_dir: Path, out_dir: Path, rel: Path,
                   report: PreprocessReport) -> str:
     src = in_dir / rel
     try:
@@ -160,12 +184,12 @@ def _process_file(codec: Codec, cfg: PreprocessConfig, in_dir: Path, out_dir: Pa
         return f"skipped ({report.failed[-1][1]})"
     fingerprint = {"source": rel.as_posix(), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
                    "codec": codec.name, "codec_version": codec.version, "max_seconds": float(cfg.max_seconds)}
-    if not cfg.overwrite and _up_to_date(out_dir, rel, fingerprint):
+    if not cfg.overwrite and _up_to_date(out_dir, rel, fingerprint, storage):
         report.up_to_date.append(rel.as_posix())
         return "up to date"
     try:
-        written, seconds = _encode_file(codec, cfg, src, out_dir, rel, fingerprint)
-    except (AudioError, CodecError) as exc:  # this file only: the next one may be fine
+        written, seconds = _encode_file(codec, cfg, storage, src, out_dir, rel, fingerprint)
+    except (AudioError, CodecError, DataError) as exc:  # this file only: the next one may be fine
         report.failed.append((rel.as_posix(), str(exc).removeprefix(f"{src}: ")))
         return f"skipped ({report.failed[-1][1]})"
     except (RuntimeError, ValueError, MemoryError) as exc:  # codec failure on this file only
@@ -185,20 +209,23 @@ def _unreadable(src: Path, exc: OSError) -> str:
     return f"cannot be read ({exc.strerror or type(exc).__name__})"
 
 
-def _up_to_date(out_dir: Path, rel: Path, fingerprint: dict) -> bool:
-    first = read_meta(shard_path(out_dir, rel, 0))
+def _up_to_date(out_dir: Path, rel: Path, fingerprint: dict, storage: str) -> bool:
+    first = read_meta(shard_path(out_dir, rel, 0, storage))
     if first is None or any(first.get(k) != v for k, v in fingerprint.items()):
         return False
     n = int(first.get("n_segments", 0))
-    return n >= 1 and all(shard_path(out_dir, rel, s).exists() for s in range(1, n))
+    later = [shard_path(out_dir, rel, s, storage) for s in range(1, n)]
+    return n >= 1 and all(p.exists() and (storage == "pt" or meta_path(p).exists()) for p in later)
 
 
-def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, rel: Path,
+def _encode_file(codec: Codec, cfg: PreprocessConfig, storage: str, src: Path, out_dir: Path, rel: Path,
                  fingerprint: dict) -> tuple[int, float]:
     limit = name_max(out_dir)
-    if len(os.fsencode(shard_path(out_dir, rel, 0).name)) > limit:
+    first = shard_path(out_dir, rel, 0, storage)
+    longest = first if storage == "pt" else meta_path(first)  # an array's .json names are one byte longer
+    if len(os.fsencode(longest.name)) > limit:
         raise AudioError(f"{src}: the file name is too long for its shard's name (the name plus "
-                         f"'.0000{SHARD_SUFFIX}' must fit {limit} bytes); rename the file")
+                         f"'{longest.name.removeprefix(rel.name)}' must fit {limit} bytes); rename the file")
     info = audio_info(src)
     if info.frames <= 0:
         raise AudioError(f"{src}: empty file (no audio samples)")
@@ -226,7 +253,7 @@ def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, 
                 "start_s": segment * seg_samples / SAMPLE_RATE, "duration_s": chunks * CHUNK_SAMPLES / SAMPLE_RATE,
                 "chunks": chunks, "sample_rate": SAMPLE_RATE, "source_sample_rate": info.sample_rate,
                 "source_channels": info.channels, "created_at": created}
-        save_shard(shard_path(out_dir, rel, segment), latents, meta)
+        save_shard(shard_path(out_dir, rel, segment, storage), latents, meta, storage)
         segment, written, seconds = segment + 1, written + 1, seconds + meta["duration_s"]
 
     for block in iter_audio_blocks(src):
@@ -245,18 +272,18 @@ def _encode_file(codec: Codec, cfg: PreprocessConfig, src: Path, out_dir: Path, 
         raise AudioError(f"{src}: shorter than one codec chunk after decoding")
     if segment != n_segments:  # header length was approximate (e.g. mp3): record the true count
         for s in range(segment):
-            path = shard_path(out_dir, rel, s)
+            path = shard_path(out_dir, rel, s, storage)
             shard = load_shard(path)
-            save_shard(path, shard.latents, {**shard.meta, "n_segments": segment})
-    _remove_stale(out_dir, rel, segment)
+            save_shard(path, shard.latents, {**shard.meta, "n_segments": segment}, storage)
+    _remove_stale(out_dir, rel, segment, storage)
     return written, seconds
 
 
-def _remove_stale(out_dir: Path, rel: Path, n_segments: int) -> None:
+def _remove_stale(out_dir: Path, rel: Path, n_segments: int, storage: str) -> None:
     """Delete segment shards left over from an older, longer version of the same file."""
     s = n_segments
-    while shard_path(out_dir, rel, s).exists():
-        shard_path(out_dir, rel, s).unlink()
+    while shard_path(out_dir, rel, s, storage).exists():
+        remove_shard(shard_path(out_dir, rel, s, storage))
         s += 1
 
 
