@@ -90,6 +90,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0  # background processes reading crops; 0 reads them in the training process
+    rollout_p: float = 0.0  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
+    rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
+    rollout_nfe: int = 4
     tui: bool = True
 
 

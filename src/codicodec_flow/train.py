@@ -32,6 +32,8 @@ from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
 from .generate import StreamGenerator
 from .model import FlowDiT
+from .rollout import RolloutConfig, rollout_context
+from .solvers import get_solver
 from .util.dashboard import Monitor, QuietMonitor
 from .util.devices import autocast, autocast_dtype, resolve_device
 from .util.fsutil import remove_stale_temporaries, write_text_atomic
@@ -205,6 +207,7 @@ def setup(run: Run) -> Trainer:
                         f"(tokens per chunk); e.g. {max(1, cfg.crop_tokens // mcfg.chunk_tokens) * mcfg.chunk_tokens}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise FlowError("--batch-size and --grad-accum must be at least 1")
+    rollout_config(cfg)  # a bad rollout setting fails here, not at the first rollout step
     if cfg.num_workers < 0:
         raise FlowError(f"--num-workers must be 0 (crops read in the training process) or more, got {cfg.num_workers}")
     rank, world, device = _dist_setup(cfg.device)
@@ -244,7 +247,9 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     tr.model.train()
     loss_sum = torch.zeros((), device=tr.device)
     for micro, mb in enumerate(crops):
-        batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, mb.generator()).to(tr.device)
+        g = mb.generator()
+        context = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
+        batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context).to(tr.device)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if tr.world == 1 or last else tr.net.no_sync():
             with autocast(tr.device, tr.amp):
@@ -261,6 +266,25 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     ema_update(tr.ema, tr.model, ema_decay_at(tr.step, cfg.ema_decay))
     tr.step += 1
     return loss_sum, grad_norm
+
+
+def rollout_config(cfg: TrainConfig) -> RolloutConfig:
+    """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe)."""
+    get_solver(cfg.rollout_solver)  # FlowError naming the choices
+    try:
+        return RolloutConfig(p=cfg.rollout_p, solver=cfg.rollout_solver, nfe=cfg.rollout_nfe)
+    except ValueError as exc:
+        raise FlowError(str(exc)) from None
+
+
+def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+    """On a share rollout_p of micro-batches, the model's own cached continuation of each crop's real opening
+    as its context (rollout.py); drawn from the step's generator, so resume stays exact. None otherwise."""
+    cfg = tr.run.train
+    if cfg.rollout_p <= 0 or float(torch.rand((), generator=g)) >= cfg.rollout_p:
+        return None
+    context, _ = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), GEN_CONTEXT_NOISE, g)
+    return context.cpu()
 
 
 def validate(tr: Trainer) -> dict:

@@ -27,6 +27,10 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--seed", "seed", int, "seed for weights, crops and noise"),
     ("--num-workers", "num_workers", int, "background processes that read the crops ahead (0: the training process "
                                           "reads them); the crops are the same either way"),
+    ("--rollout-p", "rollout_p", finite_float, "share of steps whose context is the model's own cached continuation "
+                                               "of the crop's real opening, against drift (post-training; 0: off)"),
+    ("--rollout-solver", "rollout_solver", str, "solver of those rollouts"),
+    ("--rollout-nfe", "rollout_nfe", int, "evaluations per rolled-out chunk"),
 ]
 _MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_layers", int, "transformer blocks"),
                 ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),
