@@ -1,5 +1,6 @@
 """Live control surfaces: the JSON protocol (stdin-like streams, TCP, WebSocket on 127.0.0.1), keys, the display."""
 import base64
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from codicodec_flow.realtime.protocol import ConnectionLimits, StdioControl, Tcp
 from codicodec_flow.realtime.session import RealtimeConfig, run_realtime
 from codicodec_flow.realtime.sinks import NullSink
 from codicodec_flow.realtime.state import Controls
-from codicodec_flow.realtime.websocket import WebSocketControl, accept_key, normalise_origin
+from codicodec_flow.realtime.websocket import WebSocketControl, normalise_origin
 from codicodec_flow.solvers import SOLVERS
 from test_realtime import W, ckpt, make_engine  # noqa: F401  (ckpt is a fixture)
 
@@ -127,6 +128,11 @@ def test_tcp_protocol_on_localhost_changes_the_next_chunks():
     finally:
         engine.stop()
         control.close()
+
+
+def accept_key(key: str) -> str:
+    """The Sec-WebSocket-Accept a server must answer a key with (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
 
 
 def _ws_frame(text: str) -> bytes:

@@ -1,8 +1,8 @@
-"""The JSON control protocol over a WebSocket on 127.0.0.1, for web pages; standard library only.
+"""The JSON control protocol over a WebSocket, for web pages, on the `websockets` library's threaded server.
 
-A minimal RFC 6455 server: the HTTP upgrade handshake, masked client frames (text, continuation,
-ping, close), unmasked text frames back. Each text message carries one or more JSON command
-lines; every event goes out as one text message.
+Each text (or binary, read as UTF-8) message carries one or more JSON command lines; every event goes
+out as one text message. The port can also serve a few static files over plain HTTP GET (ui_server.py
+puts the browser control surface there, the WebSocket then at /ws).
 
 Who may connect. A browser lets any web site open a WebSocket to 127.0.0.1 and tells the server
 which site it came from in the Origin header, which pages cannot forge. Accepted: pages served by
@@ -10,40 +10,42 @@ this machine (http or https on localhost, 127.0.0.0/8 or [::1], any port), the o
 names with --allow-origin, and handshakes without an Origin (programs, not browsers: browsers always
 send one). Refused: every other site, and `Origin: null`, which browsers send for sandboxed frames
 and data: URLs of any site as well as for file:// pages, so it cannot tell a local page from a
-hostile one (serve a local page over http://localhost instead).
+hostile one (serve a local page over http://localhost instead). A port bound to another interface
+(ui_server.py's --ui-host) also accepts a page whose origin is that port at the IP address the
+request came to (`http://192.168.1.5:PORT` with `Host: 192.168.1.5:PORT`): an IP address, unlike a
+name, cannot be re-pointed at this machine by someone else's DNS.
+
+Limits (protocol.ConnectionLimits): at most max_clients connections at once, handshakes and page
+loads included (one more is answered 503); the upgrade request must arrive within handshake_s (else
+408) and have at most handshake_bytes and handshake_headers (else 431; websockets itself refuses a
+line over 8 KiB or more than 128 headers before that); a connection that sends nothing (no message,
+no ping) for idle_s is told why and closed; a message over MAX_LINE closes it with code 1009. Events
+reach each client through its own bounded queue (protocol.Client), and a send that makes no progress
+for idle_s drops the client, so a page that stops reading never slows the engine.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
+import contextlib
+import functools
+import http
 import ipaddress
-import re
-import socketserver
-import struct
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .protocol import MAX_LINE, Client, ConnectionLimits, LocalControl
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.sync.server import ServerConnection, serve
 
-_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # fixed by RFC 6455
+from ..errors import FlowError
+from .protocol import MAX_LINE, Client, ConnectionLimits, Hub
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
-
-
-class _Closed(Exception):
-    pass
-
-
-class _Refused(Exception):
-    def __init__(self, status: str, text: str):
-        super().__init__(text)
-        self.status, self.text = status, text
-
-
-def accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
+WS_PATH = "/ws"  # where the WebSocket is on a port that also serves pages
 
 
 def normalise_origin(text: str) -> str:
@@ -96,151 +98,193 @@ def origin_allowed(origin: str | None, allowed: frozenset[str] = frozenset()) ->
         return False
 
 
-def frame(opcode: int, payload: bytes) -> bytes:
-    """An unmasked, final server frame."""
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([n])
-    elif n < 1 << 16:
-        head += bytes([126]) + struct.pack(">H", n)
-    else:
-        head += bytes([127]) + struct.pack(">Q", n)
-    return head + payload
+def same_address_origin(origin: str | None, host_header: str | None, port: int) -> bool:
+    """A page this port served at an IP address: Origin `http://IP:port` where the request's Host is that IP:port."""
+    if origin is None or host_header is None:
+        return False
+    try:
+        page, asked = urlsplit(origin), urlsplit(f"http://{host_header}")
+        ipaddress.ip_address(page.hostname or "")
+        return page.scheme.lower() == "http" and page.port == asked.port == port and page.hostname == asked.hostname
+    except ValueError:
+        return False
 
 
-def http_response(status: str, text: str) -> bytes:
-    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(text)}\r\n"
-            f"Connection: close\r\n\r\n{text}").encode()
+@dataclass(frozen=True)
+class StaticFile:
+    body: bytes
+    content_type: str
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    @staticmethod
-    def refusal(text: str) -> bytes:
-        return http_response("503 Service Unavailable", text)
+# what every served file carries: no caching (a new version of the package shows at once), no framing by other
+# sites (clickjacking), scripts, styles and connections from this origin only, no referrer
+STATIC_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                  ("Referrer-Policy", "no-referrer"),
+                  ("Content-Security-Policy", "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                                              "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"))
 
-    def handle(self) -> None:
-        self._lock, self._rest = threading.Lock(), b""
-        control = self.server.control
-        if not self._handshake(control):
-            return
-        self.request.settimeout(control.limits.idle_s)  # also bounds a send to a client that stopped reading
-        client = Client(lambda text: self._send(TEXT, text.rstrip("\n").encode()))
+
+class _Connection(ServerConnection):
+    """websockets' server connection, plus: when the client last sent a frame (any: a message, a ping), a bound on
+    how long a send may stall, and a 408 answer to a handshake that does not arrive in time."""
+
+    def __init__(self, sock, protocol, *args, limits: ConnectionLimits, release, **kwargs):
+        super().__init__(sock, protocol, *args, **kwargs)  # args: the server, from websockets 16 on
+        self.heard = time.monotonic()
+        self.limits, self.release = limits, release  # release(): free this connection's slot
+        sock.settimeout(limits.idle_s)  # sends give up after idle_s without progress; reads wait in select() as before
+
+    def process_event(self, event) -> None:
+        if isinstance(event, Frame):
+            self.heard = time.monotonic()
+        super().process_event(event)
+
+    def handshake(self, *args, **kwargs) -> None:
         try:
-            control.hub.serve(client, self._lines())
+            super().handshake(*args, **kwargs)
         except TimeoutError:
-            client.send({"event": "error", "message": control.limits.idle_message()})
-            client.close()
-            self._send(CLOSE, struct.pack(">H", 1000))
-        except (OSError, _Closed):
-            pass
-        finally:
-            client.close()
-
-    def _send(self, opcode: int, payload: bytes) -> None:
-        with self._lock:  # the client's writer thread and this handler's pongs share the socket
-            self.request.sendall(frame(opcode, payload))
-
-    def _handshake(self, control: "WebSocketControl") -> bool:
-        try:
-            headers = self._read_head(control.limits)
-            key = headers.get("sec-websocket-key")
-            if headers[""][:4] != "GET " or headers.get("upgrade", "").lower() != "websocket" or not key:
-                raise _Refused("426 Upgrade Required", "this port speaks WebSocket (ws://127.0.0.1:PORT)")
-            if not origin_allowed(headers.get("origin"), control.origins):
-                raise _Refused("403 Forbidden", "only pages served from this machine, or origins given with "
-                                                "--allow-origin, may connect")
-        except _Refused as refused:
-            self.request.sendall(http_response(refused.status, refused.text))
-            return False
-        except (OSError, _Closed):  # the peer went away (or sent nothing in time: _read_head says so first)
-            return False
-        self.request.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                              f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode())
-        return True
-
-    def _read_head(self, limits: ConnectionLimits) -> dict[str, str]:
-        """The upgrade request's headers by lower-case name ("" holds the request line), read within the limits
-        on time, bytes and lines; bytes after it (an eager client's first frames) are kept for _read."""
-        deadline, buf = time.monotonic() + limits.handshake_s, b""
-        while not (end := _HEAD_END.search(buf)):
-            if len(buf) > limits.handshake_bytes:
-                raise _Refused("431 Request Header Fields Too Large",
-                               f"the handshake may be at most {limits.handshake_bytes} bytes")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Refused("408 Request Timeout", f"the handshake must arrive within {limits.handshake_s:g} s")
-            self.request.settimeout(left)
-            try:
-                data = self.request.recv(4096)
-            except TimeoutError:
-                continue  # the deadline check above answers
-            if not data:
-                raise _Closed
-            buf += data
-        if end.start() > limits.handshake_bytes:
-            raise _Refused("431 Request Header Fields Too Large",
-                           f"the handshake may be at most {limits.handshake_bytes} bytes")
-        lines = buf[:end.start()].decode("latin-1").splitlines()
-        self._rest = buf[end.end():]
-        if len(lines) - 1 > limits.handshake_headers:
-            raise _Refused("431 Request Header Fields Too Large",
-                           f"the handshake may have at most {limits.handshake_headers} header lines")
-        headers = {"": lines[0] if lines else ""}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return headers
-
-    def _read(self, n: int) -> bytes:
-        data, self._rest = self._rest[:n], self._rest[n:]
-        if len(data) < n:
-            data += self.rfile.read(n - len(data))
-        if len(data) < n:
-            raise _Closed
-        return data
-
-    def _messages(self):
-        """Whole text messages, reassembled from fragments; pings answered; a close ends them."""
-        parts: list[bytes] = []
-        while True:
-            b0, b1 = self._read(2)
-            opcode, n = b0 & 0x0F, b1 & 0x7F
-            if not b1 & 0x80:  # clients must mask (RFC 6455 5.1)
-                self._send(CLOSE, struct.pack(">H", 1002))
-                return
-            if n == 126:
-                n = struct.unpack(">H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read(8))[0]
-            if n + sum(map(len, parts)) > MAX_LINE:
-                self._send(CLOSE, struct.pack(">H", 1009))  # message too big
-                return
-            mask = self._read(4)
-            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(self._read(n)))
-            if opcode == CLOSE:
-                self._send(CLOSE, payload[:2])
-                return
-            if opcode == PING:  # like any frame, it keeps the connection from counting as idle
-                self._send(PONG, payload)
-            elif opcode in (TEXT, BINARY, CONT):
-                parts.append(payload)
-                if b0 & 0x80:  # FIN: the message is complete
-                    yield b"".join(parts).decode("utf-8", "replace")
-                    parts = []
-
-    def _lines(self):
-        for message in self._messages():
-            yield from message.splitlines() or [""]
+            self.release()  # before the answer, which waits (close_timeout) for the peer to close
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                with self.send_context(expected_state=State.CONNECTING):
+                    self.protocol.send_response(self.protocol.reject(
+                        http.HTTPStatus.REQUEST_TIMEOUT,
+                        f"the handshake must arrive within {self.limits.handshake_s:g} s\n"))
+            raise
 
 
-class WebSocketControl(LocalControl):
-    """The protocol on ws://127.0.0.1:PORT, one command per message; see the module docstring for who may connect.
+class WebSocketControl:
+    """The protocol on ws://HOST:PORT (127.0.0.1 unless told otherwise; port 0 picks a free one, see .port); see the
+    module docstring for who may connect.
 
     allow_origins: web origins accepted besides this machine's own pages (normalised; ValueError if one is not
-    an origin or is `null`)."""
+    an origin or is `null`). pages: path -> StaticFile served over HTTP GET; with pages the WebSocket is at /ws."""
 
     def __init__(self, engine, port: int, allow_origins: tuple[str, ...] = (),
-                 limits: ConnectionLimits = ConnectionLimits()):
+                 limits: ConnectionLimits = ConnectionLimits(), host: str = "127.0.0.1",
+                 pages: dict[str, StaticFile] | None = None, flag: str = "--control ws"):
+        if not 0 <= port <= 65535:
+            raise FlowError(f"{flag}:{port}: a port is 0..65535 (0 picks a free one)")
         self.origins = frozenset(normalise_origin(o) for o in allow_origins)
-        super().__init__(engine, port, _Handler, "ws", limits)
+        self.hub, self.limits, self.host, self.pages = Hub(engine), limits, host, pages
+        self.active, self._count, self._local = 0, threading.Lock(), threading.local()
+        try:
+            self.server = serve(self._serve, host, port, process_request=self._check, compression=None,
+                                open_timeout=limits.handshake_s, ping_interval=None, close_timeout=0.5,
+                                max_size=MAX_LINE, create_connection=functools.partial(_Connection, limits=limits,
+                                                                    release=self._release))
+        except OSError as exc:
+            raise FlowError(f"{flag}:{port}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
+                            f"port") from None
+        self.port = self.server.socket.getsockname()[1]
+        self.server.handler = self._counted(self.server.handler)  # the library's per-connection thread, counted
+        self._thread = threading.Thread(target=self.server.serve_forever, name="realtime-ws", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()  # closes every connection (code 1001) and waits for their threads
+
+    # ------------------------------------------------------------------ slots
+
+    def _counted(self, handle):
+        """handle(sock, addr) in a connection slot; the slot is free again before the socket closes (see _serve)."""
+        def counted(sock, addr) -> None:
+            with self._count:
+                room = self.active < self.limits.max_clients
+                self.active += room
+            self._local.slot = room
+            try:
+                handle(sock, addr)
+            finally:
+                self._release()
+        return counted
+
+    def _release(self) -> None:
+        """Free this thread's slot, once."""
+        if getattr(self._local, "slot", False):
+            self._local.slot = False
+            with self._count:
+                self.active -= 1
+
+    # ------------------------------------------------------------------ HTTP side
+
+    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' process_request: answer a page, or refuse, or None to go on with the WebSocket handshake.
+        An answer frees the slot at once: the library then waits (close_timeout) for the peer to close."""
+        response = self._answer(connection, request)
+        if response is not None:
+            self._release()
+        return response
+
+    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+        refuse = connection.respond
+        if not getattr(self._local, "slot", False):
+            return refuse(http.HTTPStatus.SERVICE_UNAVAILABLE, f"too many control connections "
+                          f"({self.limits.max_clients} at most); close one and connect again\n")
+        lines = list(request.headers.raw_items())
+        size = len(f"GET {request.path} HTTP/1.1\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in lines)
+        if size > self.limits.handshake_bytes:
+            return refuse(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                          f"the handshake may be at most {self.limits.handshake_bytes} bytes\n")
+        if len(lines) > self.limits.handshake_headers:
+            return refuse(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                          f"the handshake may have at most {self.limits.handshake_headers} header lines\n")
+        if getattr(request, "method", "GET") != "GET":  # older websockets close on other methods themselves
+            response = refuse(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served here\n")
+            response.headers["Allow"] = "GET"
+            return response
+        path = request.path.split("?", 1)[0]
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if self.pages is not None and path != WS_PATH:
+            page = self.pages.get("/index.html" if path == "/" else path)
+            if page is None or upgrade:
+                return refuse(http.HTTPStatus.NOT_FOUND, "not found\n")
+            return self._page(page)
+        if not upgrade:
+            where = f"ws://{self.host}:{self.port}{WS_PATH if self.pages is not None else ''}"
+            return refuse(http.HTTPStatus.UPGRADE_REQUIRED, f"this port speaks WebSocket ({where})\n")
+        origin = request.headers.get("Origin")
+        if not (origin_allowed(origin, self.origins)
+                or self.pages is not None and same_address_origin(origin, request.headers.get("Host"), self.port)):
+            return refuse(http.HTTPStatus.FORBIDDEN, "only pages served from this machine, or origins given with "
+                                                     "--allow-origin, may connect\n")
+        return None
+
+    @staticmethod
+    def _page(page: StaticFile) -> Response:
+        headers = Headers([("Content-Type", page.content_type), ("Content-Length", str(len(page.body))),
+                           ("Connection", "close"), *STATIC_HEADERS])
+        return Response(200, "OK", headers, page.body)
+
+    # ------------------------------------------------------------------ WebSocket side
+
+    def _serve(self, connection: _Connection) -> None:
+        """One client, on the library's thread for the connection: commands in, replies and events out."""
+        def write(text: str) -> None:
+            try:
+                connection.send(text.rstrip("\n"))
+            except ConnectionClosed as exc:  # the writer thread stops on OSError
+                raise OSError(str(exc)) from None
+
+        client = Client(write)
+        try:
+            self.hub.serve(client, self._lines(connection))
+        except TimeoutError:
+            client.send({"event": "error", "message": self.limits.idle_message()})
+        finally:
+            client.close()  # sends what is queued (up to 1 s)
+            self._release()  # before the library closes the socket: a client that saw the end may connect at once
+
+    def _lines(self, connection: _Connection):
+        """The command lines of each message, until the client closes; TimeoutError after idle_s without a frame."""
+        while True:
+            left = connection.heard + self.limits.idle_s - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                message = connection.recv(timeout=left)
+            except TimeoutError:
+                continue  # a ping may have come meanwhile: the loop looks again
+            except ConnectionClosed:
+                return
+            text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+            yield from text.splitlines() or [""]
