@@ -67,9 +67,16 @@ def register(sub) -> None:
     c = p.add_argument_group("control")
     c.add_argument("--control", default="none", metavar="TRANSPORT", help=f"JSON control protocol: {CONTROL_HELP}")
     c.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                   help="with --control ws:PORT, also accept web pages from this origin (scheme://host[:port]; "
-                        "repeatable). Pages served by this machine (http://localhost:ANY) are always accepted; "
-                        "'null' (file:// pages, sandboxed frames) never")
+                   help="with --control ws:PORT or --ui PORT, also accept web pages from this origin "
+                        "(scheme://host[:port]; repeatable). Pages served by this machine (http://localhost:ANY) are "
+                        "always accepted; 'null' (file:// pages, sandboxed frames) never")
+    c.add_argument("--ui", type=int, default=None, metavar="PORT",
+                   help="serve the browser control surface on http://127.0.0.1:PORT (0 picks a free port and prints "
+                        "the address): sliders for every control, seeds, presets, LFOs, the steering grid, a live "
+                        "latent heat-map and level meter")
+    c.add_argument("--ui-host", default=None, metavar="HOST",
+                   help="with --ui, listen on this interface instead of 127.0.0.1 (e.g. 0.0.0.0 for a tablet on the "
+                        "LAN). The page has no password: anyone who reaches it can steer the stream")
     c.add_argument("--osc-host", default=None, metavar="HOST",
                    help="with --control osc:PORT, listen on this interface instead of 127.0.0.1 (e.g. 0.0.0.0 for "
                         "a tablet on the LAN). OSC has no authentication: anyone who reaches it can steer the stream")
@@ -112,7 +119,8 @@ def run(a: argparse.Namespace) -> int:
                          prompt_wav=a.prompt_wav, engine=engine, sink=a.sink, out=a.out,
                          output_device=a.output_device, pace=a.pace, save=a.save, control=a.control,
                          keyboard=not a.no_keys, input_wav=a.input_wav, input_device=a.input_device,
-                         plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), threads=a.threads,
+                         plain=True if a.plain else None, allow_origins=tuple(a.allow_origin), ui=a.ui,
+                         ui_host=a.ui_host, threads=a.threads,
                          osc_host=a.osc_host, osc_reply_port=a.osc_reply_port, midi=a.midi, midi_map=a.midi_map,
                          midi_learn=a.midi_learn, backend=a.backend, onnx=a.onnx,
                          crossfade_chunks=a.crossfade_chunks, gain=a.gain, weights=a.weights, presets=a.presets,

@@ -25,6 +25,7 @@ from .presets import PresetStore
 from .protocol import open_control
 from .sinks import WavWriter, open_sink
 from .state import Controls, Limits, apply_message
+from .ui_server import UiServer, exposure_warning as ui_exposure_warning
 from .websocket import normalise_origin
 
 PACES = ("auto", "realtime", "fast")
@@ -50,7 +51,9 @@ class RealtimeConfig:
     input_wav: str | None = None
     input_device: str | None = None
     plain: bool | None = None  # None: a live status on a terminal, per-chunk lines otherwise
-    allow_origins: tuple[str, ...] = ()  # web origins a ws: control accepts besides this machine's own pages
+    allow_origins: tuple[str, ...] = ()  # web origins ws: and --ui accept besides this machine's own pages
+    ui: int | None = None  # the browser control surface's port (0: a free one); None: no page
+    ui_host: str | None = None  # the interface the page listens on; None: 127.0.0.1
     threads: int | None = None  # torch's intra-op threads while generating; None: live_threads()
     osc_host: str | None = None  # the interface an osc: control listens on; None: 127.0.0.1
     osc_reply_port: int | None = None  # where OSC replies and events go on the sender's host; None: its own port
@@ -103,6 +106,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
     origins = _origins(cfg)
     if (cfg.osc_host is not None or cfg.osc_reply_port is not None) and not cfg.control.startswith("osc:"):
         raise FlowError("--osc-host and --osc-reply-port apply to --control osc:PORT only")
+    if cfg.ui_host is not None and cfg.ui is None:
+        raise FlowError("--ui-host applies with --ui PORT only")
     if (cfg.midi_map is not None or cfg.midi_learn is not None) and cfg.midi is None:
         raise FlowError("--midi-map and --midi-learn apply with --midi PORT only")
     midi_map = load_map(cfg.midi_map) if cfg.midi is not None else None  # a broken file fails before the model loads
@@ -143,6 +148,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
                                cfg.osc_reply_port)
         if control is not None:
             resources.hold(control)
+        ui = resources.hold(UiServer(engine, cfg.ui, cfg.ui_host or "127.0.0.1", origins)) if cfg.ui is not None \
+            else None
         if midi_port is not None:
             resources.hold(MidiControl(engine, midi_port, midi_map, cfg.midi_map, cfg.midi_learn))
         print(f"realtime: {bundle.path} on {dev}{' (onnxruntime)' * (cfg.backend == 'onnxruntime')} "
@@ -156,6 +163,10 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
             print(f"control: {cfg.control.split(':')[0]} on {host}:{control.port}", file=text, flush=True)
             if cfg.osc_host is not None and exposed(cfg.osc_host):
                 print(exposure_warning(host, control.port), file=text, flush=True)
+        if ui is not None:
+            print(f"ui: {ui.url} (open it in a browser)", file=text, flush=True)
+            if exposed(ui.host):
+                print(ui_exposure_warning(ui.host, ui.port), file=text, flush=True)
         if midi_port is not None:
             print(f"midi: {midi_port.name}, map {cfg.midi_map or 'built-in'}"
                   f"{'' if cfg.midi_map is None or Path(cfg.midi_map).exists() else ' (not there yet: built-in)'}",
@@ -179,8 +190,8 @@ def _check_backend(cfg: RealtimeConfig) -> None:
 
 def _origins(cfg: RealtimeConfig) -> tuple[str, ...]:
     """The --allow-origin values, checked before anything starts."""
-    if cfg.allow_origins and not cfg.control.startswith("ws:"):
-        raise FlowError("--allow-origin applies to --control ws:PORT only")
+    if cfg.allow_origins and not cfg.control.startswith("ws:") and cfg.ui is None:
+        raise FlowError("--allow-origin applies to --control ws:PORT only (and to --ui PORT)")
     try:
         return tuple(normalise_origin(o) for o in cfg.allow_origins)
     except ValueError as exc:

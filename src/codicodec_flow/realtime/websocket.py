@@ -161,9 +161,10 @@ class WebSocketControl:
 
     def __init__(self, engine, port: int, allow_origins: tuple[str, ...] = (),
                  limits: ConnectionLimits = ConnectionLimits(), host: str = "127.0.0.1",
-                 pages: dict[str, StaticFile] | None = None, flag: str = "--control ws"):
+                 pages: dict[str, StaticFile] | None = None, flag: str | None = None):
+        flag = flag or f"--control ws:{port}"  # how the user asked for this port, for errors
         if not 0 <= port <= 65535:
-            raise FlowError(f"{flag}:{port}: a port is 0..65535 (0 picks a free one)")
+            raise FlowError(f"{flag}: a port is 0..65535 (0 picks a free one)")
         self.origins = frozenset(normalise_origin(o) for o in allow_origins)
         self.hub, self.limits, self.host, self.pages = Hub(engine), limits, host, pages
         self.active, self._count, self._local = 0, threading.Lock(), threading.local()
@@ -173,7 +174,7 @@ class WebSocketControl:
                                 max_size=MAX_LINE, create_connection=functools.partial(_Connection, limits=limits,
                                                                     release=self._release))
         except OSError as exc:
-            raise FlowError(f"{flag}:{port}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
+            raise FlowError(f"{flag}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
                             f"port") from None
         self.port = self.server.socket.getsockname()[1]
         self.server.handler = self._counted(self.server.handler)  # the library's per-connection thread, counted
