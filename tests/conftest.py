@@ -71,3 +71,14 @@ def ar_data(tmp_path) -> Path:
     """A latent folder of six AR(1) files of varied length (one shorter than a typical crop)."""
     lengths = [40, 36, 30, 24, 12, 5]
     return write_latent_dir(tmp_path / "latents", {f"song{i}.wav": ar_latents(n, seed=i) for i, n in enumerate(lengths)})
+
+
+def randomised_model(cfg, seed: int = 0, scale: float = 0.05):
+    """A FlowDiT in eval mode whose zero-initialised layers (adaLN, output) are not zero, so every path carries signal."""
+    from codicodec_flow.model import FlowDiT
+    torch.manual_seed(seed)
+    model = FlowDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()

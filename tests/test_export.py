@@ -21,7 +21,7 @@ from codicodec_flow.realtime.engine import EngineConfig
 from codicodec_flow.realtime.ort_backend import OrtModel, load_onnx, read_description
 from codicodec_flow.realtime.session import RealtimeConfig, run_realtime
 from codicodec_flow.rope import apply_rope, rope_table
-from conftest import write_audio
+from conftest import randomised_model, write_audio
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=2, cond_dim=32, context_chunks=3)
 W, T = CFG.context_chunks, CFG.chunk_tokens
@@ -30,12 +30,7 @@ STATS = LatentStats(torch.linspace(-1.0, 1.0, 64), torch.full((64,), 0.8), 100)
 
 @functools.lru_cache(maxsize=1)
 def tiny_model() -> FlowDiT:
-    torch.manual_seed(0)
-    model = FlowDiT(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # the adaLN and output layers start at zero: give them a voice
-    return model.eval().requires_grad_(False)
+    return randomised_model(CFG).requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

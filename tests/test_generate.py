@@ -3,8 +3,8 @@ import torch
 
 from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.generate import StreamGenerator, WindowRerunGenerator
-from codicodec_flow.model import FlowDiT
 from codicodec_flow.latents import LatentStats
+from conftest import randomised_model
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=3)
 STATS = LatentStats(torch.full((64,), 0.1), torch.full((64,), 0.9), 1)
@@ -12,12 +12,7 @@ STATS = LatentStats(torch.full((64,), 0.1), torch.full((64,), 0.9), 1)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = FlowDiT(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return randomised_model(CFG)
 
 
 def gen(model, cls=StreamGenerator, **kw):

@@ -6,20 +6,15 @@ from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator
 from codicodec_flow.latents import LatentStats
-from codicodec_flow.model import FlowDiT
 from codicodec_flow.quantize import for_generation, streamed_linears
+from conftest import randomised_model
 
 CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, cond_dim=64, context_chunks=3)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = FlowDiT(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return randomised_model(CFG)
 
 
 def test_int8_quantizes_only_the_streamed_layers_of_a_copy(model):

@@ -24,7 +24,7 @@ from codicodec_flow.realtime.sinks import AudioDeviceError, NullSink, WavSink, W
 from codicodec_flow.realtime.state import ControlError, Controls, Limits, apply_message
 from codicodec_flow.solvers import steps_for
 from codicodec_flow.latents import LatentStats
-from conftest import write_audio
+from conftest import randomised_model, write_audio
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=2, cond_dim=32, context_chunks=4)
 STATS = LatentStats(torch.full((64,), -1.0), torch.full((64,), 0.8), 100)
@@ -33,12 +33,7 @@ W = CFG.context_chunks
 
 @functools.lru_cache(maxsize=1)
 def tiny_model() -> FlowDiT:
-    torch.manual_seed(0)
-    model = FlowDiT(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))  # the output layer is zero-initialised: give it a voice
-    return model.eval().requires_grad_(False)
+    return randomised_model(CFG, scale=0.02).requires_grad_(False)
 
 
 def make_gen(seed: int = 0) -> LiveGenerator:
