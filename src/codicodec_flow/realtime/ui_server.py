@@ -1,8 +1,9 @@
 """The browser control surface (`realtime --ui PORT`): a page shipped in the package, served with its WebSocket.
 
 One port serves both: plain HTTP GET of the page's three files (ui/index.html at /, ui/app.js,
-ui/style.css; anything else 404, no listing, other methods 405) and the JSON protocol as a WebSocket
-at /ws (websocket.py: the same origin policy, limits and events as --control ws:PORT). The page is
+ui/style.css; anything else 404, no listing, other methods 405, or closed unanswered by websockets
+before 17) and the JSON protocol as a WebSocket at /ws (websocket.py: the same origin policy, limits
+and events as --control ws:PORT). The page is
 plain HTML/JS/CSS with nothing fetched from elsewhere, so it works offline; it builds its controls
 from the engine's own reference ({"help": true}) and state, so a new control shows up without
 editing it. Its origin, http://127.0.0.1:PORT, is one of this machine's and so accepted; other

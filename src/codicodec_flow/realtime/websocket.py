@@ -20,8 +20,9 @@ loads included (one more is answered 503); the upgrade request must arrive withi
 408) and have at most handshake_bytes and handshake_headers (else 431; websockets itself refuses a
 line over 8 KiB or more than 128 headers before that); a connection that sends nothing (no message,
 no ping) for idle_s is told why and closed; a message over MAX_LINE closes it with code 1009. Events
-reach each client through its own bounded queue (protocol.Client), and a send that makes no progress
-for idle_s drops the client, so a page that stops reading never slows the engine.
+reach each client through its own bounded queue (protocol.Client), so a page that stops reading loses
+events and never slows the engine; its blocked send also holds back its frames, so it is dropped once
+idle_s passes (the send aborted) and its thread and slot are free again.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import contextlib
 import functools
 import http
 import ipaddress
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -125,19 +127,23 @@ STATIC_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nos
 
 
 class _Connection(ServerConnection):
-    """websockets' server connection, plus: when the client last sent a frame (any: a message, a ping), a bound on
-    how long a send may stall, and a 408 answer to a handshake that does not arrive in time."""
+    """websockets' server connection, plus: when the client last sent a frame (any: a message, a ping), a way to
+    abort a send that makes no progress, and a 408 answer to a handshake that does not arrive in time."""
 
     def __init__(self, sock, protocol, *args, limits: ConnectionLimits, release, **kwargs):
         super().__init__(sock, protocol, *args, **kwargs)  # args: the server, from websockets 16 on
         self.heard = time.monotonic()
         self.limits, self.release = limits, release  # release(): free this connection's slot
-        sock.settimeout(limits.idle_s)  # sends give up after idle_s without progress; reads wait in select() as before
 
     def process_event(self, event) -> None:
         if isinstance(event, Frame):
             self.heard = time.monotonic()
         super().process_event(event)
+
+    def abort(self) -> None:
+        """Shut the socket down under a send blocked on a peer that stopped reading (the send then fails)."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
 
     def handshake(self, *args, **kwargs) -> None:
         try:
@@ -191,7 +197,7 @@ class WebSocketControl:
         def counted(sock, addr) -> None:
             with self._count:
                 room = self.active < self.limits.max_clients
-                self.active += room
+                self.active += int(room)
             self._local.slot = room
             try:
                 handle(sock, addr)
@@ -234,7 +240,7 @@ class WebSocketControl:
             response.headers["Allow"] = "GET"
             return response
         path = request.path.split("?", 1)[0]
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        upgrade = [u.lower() for u in request.headers.get_all("Upgrade")] == ["websocket"]
         if self.pages is not None and path != WS_PATH:
             page = self.pages.get("/index.html" if path == "/" else path)
             if page is None or upgrade:
@@ -243,7 +249,10 @@ class WebSocketControl:
         if not upgrade:
             where = f"ws://{self.host}:{self.port}{WS_PATH if self.pages is not None else ''}"
             return refuse(http.HTTPStatus.UPGRADE_REQUIRED, f"this port speaks WebSocket ({where})\n")
-        origin = request.headers.get("Origin")
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:
+            return refuse(http.HTTPStatus.BAD_REQUEST, "one Origin header at most\n")
+        origin = origins[0] if origins else None
         if not (origin_allowed(origin, self.origins)
                 or self.pages is not None and same_address_origin(origin, request.headers.get("Host"), self.port)):
             return refuse(http.HTTPStatus.FORBIDDEN, "only pages served from this machine, or origins given with "
@@ -260,19 +269,26 @@ class WebSocketControl:
 
     def _serve(self, connection: _Connection) -> None:
         """One client, on the library's thread for the connection: commands in, replies and events out."""
+        sending = threading.Event()  # set while the client's writer thread is inside a send
+
         def write(text: str) -> None:
+            sending.set()
             try:
                 connection.send(text.rstrip("\n"))
             except ConnectionClosed as exc:  # the writer thread stops on OSError
                 raise OSError(str(exc)) from None
+            finally:
+                sending.clear()
 
         client = Client(write)
         try:
             self.hub.serve(client, self._lines(connection))
-        except TimeoutError:
+        except TimeoutError:  # also what a page that stopped reading comes to: its blocked send holds back its frames
             client.send({"event": "error", "message": self.limits.idle_message()})
         finally:
             client.close()  # sends what is queued (up to 1 s)
+            if sending.is_set():  # still stuck: a peer that does not read would hold this thread (and its slot) for ever
+                connection.abort()
             self._release()  # before the library closes the socket: a client that saw the end may connect at once
 
     def _lines(self, connection: _Connection):
