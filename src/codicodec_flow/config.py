@@ -93,6 +93,10 @@ class TrainConfig:
     rollout_p: float = 0.0  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
     rollout_nfe: int = 4
+    distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
+    distill_solver: str = "heun"  # how the teacher samples them
+    distill_nfe: int = 8
+    distill_cfg: float = 1.0  # classifier-free guidance the teacher samples with, learnt by the student; 1: none
     tui: bool = True
 
 

@@ -28,6 +28,7 @@ from .codec.prompt import decode_latents
 from .config import MODEL_PRESETS, FlowConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
 from .data.dataset import LatentData, load_latents, validation_crops
 from .data.loader import MicroBatch, StepCrops, step_batches
+from .distill import DistillConfig, distill_batch
 from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
 from .generate import StreamGenerator
@@ -76,6 +77,7 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     if not resume:
         if last.exists():
             raise FlowError(f"{last} exists: pass --resume to continue that run, or choose a new --out-dir")
+        init_from = init_from or train.distill_from  # a student starts from its teacher's weights by default
         if init_from is not None:
             return _fine_tune_run(train, model_given, flow_given, preset, init_from)
         preset = preset or "default"
@@ -174,6 +176,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     step: int
+    teacher: FlowDiT | None = None  # train --distill-from: the frozen model whose samples the student learns
 
     @property
     def main(self) -> bool:
@@ -207,7 +210,8 @@ def setup(run: Run) -> Trainer:
                         f"(tokens per chunk); e.g. {max(1, cfg.crop_tokens // mcfg.chunk_tokens) * mcfg.chunk_tokens}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise FlowError("--batch-size and --grad-accum must be at least 1")
-    rollout_config(cfg)  # a bad rollout setting fails here, not at the first rollout step
+    rollout_config(cfg)  # a bad rollout or distillation setting fails here, not at the first step
+    distill_config(cfg)
     if cfg.num_workers < 0:
         raise FlowError(f"--num-workers must be 0 (crops read in the training process) or more, got {cfg.num_workers}")
     rank, world, device = _dist_setup(cfg.device)
@@ -229,8 +233,9 @@ def setup(run: Run) -> Trainer:
     step = 0 if run.resume_from is None else run.resume_from.restore(model, ema, opt, sched)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     val_set = validation_crops(data.val, data.stats, cfg.crop_tokens // mcfg.chunk_tokens, cfg.val_crops)
+    teacher = None if cfg.distill_from is None else _load_teacher(cfg.distill_from, mcfg, data, cfg.data_dir, device)
     return Trainer(run, rank, world, device, autocast_dtype(cfg.dtype, device), data, val_set, model, net, ema, opt,
-                   sched, step)
+                   sched, step, teacher)
 
 
 def step_crops(tr: Trainer) -> StepCrops:
@@ -250,6 +255,9 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
         g = mb.generator()
         context = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
         batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context).to(tr.device)
+        if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
+            with autocast(tr.device, tr.amp):
+                batch = distill_batch(tr.teacher, batch, distill_config(cfg))
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if tr.world == 1 or last else tr.net.no_sync():
             with autocast(tr.device, tr.amp):
@@ -275,6 +283,34 @@ def rollout_config(cfg: TrainConfig) -> RolloutConfig:
         return RolloutConfig(p=cfg.rollout_p, solver=cfg.rollout_solver, nfe=cfg.rollout_nfe)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
+
+
+def distill_config(cfg: TrainConfig) -> DistillConfig:
+    """The distillation settings of a run, checked (--distill-solver, --distill-nfe, --distill-cfg)."""
+    try:
+        return DistillConfig(solver=cfg.distill_solver, nfe=cfg.distill_nfe, cfg_scale=cfg.distill_cfg)
+    except ValueError as exc:
+        raise FlowError(str(exc)) from None
+
+
+def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: str, device) -> FlowDiT:
+    """The frozen teacher of `train --distill-from`: its chunks, window and latent normalisation must be the
+    student's, or its samples would answer another question than the one the student is trained on."""
+    w = load_weights(path)
+    _check_codec(data, w.codec, data_dir, path, "distil on latents of the teacher's codec")
+    same = ("latent_dim", "chunk_tokens", "context_chunks")
+    problems = config_mismatch(asdict(w.model_cfg), {k: getattr(student, k) for k in same})
+    if problems:
+        raise CheckpointError(f"{path}: --distill-from needs a teacher with the student's chunks and window "
+                              f"({'; '.join(problems)})")
+    if not (torch.allclose(w.stats.mean, data.stats.mean) and torch.allclose(w.stats.std, data.stats.std)):
+        raise CheckpointError(f"{path}: the teacher was trained with another latent normalisation than this run's; "
+                              f"start the student from the teacher's weights (leave out --init-from) or from a run "
+                              f"on the same latents")
+    teacher = FlowDiT(w.model_cfg)
+    w.load_into(teacher)
+    log.info(f"distilling the EMA weights of {path} (step {w.step}), {w.model_cfg.n_layers} layers x {w.model_cfg.dim}")
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:

@@ -31,6 +31,13 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
                                                "of the crop's real opening, against drift (post-training; 0: off)"),
     ("--rollout-solver", "rollout_solver", str, "solver of those rollouts"),
     ("--rollout-nfe", "rollout_nfe", int, "evaluations per rolled-out chunk"),
+    ("--distill-from", "distill_from", str, "teacher checkpoint (ema.pt): train a few-step student on the teacher's "
+                                            "own samples (post-training; starts from the teacher's weights unless "
+                                            "--init-from names others)"),
+    ("--distill-solver", "distill_solver", str, "solver the teacher samples with"),
+    ("--distill-nfe", "distill_nfe", int, "teacher evaluations per sampled chunk"),
+    ("--distill-cfg", "distill_cfg", finite_float, "guidance scale the teacher samples with, distilled into the "
+                                                   "student (1: none)"),
 ]
 _MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_layers", int, "transformer blocks"),
                 ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),
