@@ -8,27 +8,52 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from ..solvers import get_solver, steps_for
 from .engine import Summary
 from .keyboard import KEYMAP
 
 
 def state_text(s: dict, window: int | None = None) -> str:
-    """The controls in one line: solver, NFE, temperature, guidance, context, seed, steering."""
+    """The controls in one line: solver, NFE, temperature, guidance, context, gain, seed, steering.
+
+    Where `s` carries "effective" (the values a chunk is generated with, LFOs and a glide applied: a chunk event's
+    state, Engine.state()) those are shown, and a control an LFO or a glide is moving is marked with a '~'."""
+    moving = modulated_names(s)
+    eff = s.get("effective") or {}
+    value = lambda name: eff.get(name, s[name])  # noqa: E731
+    mark = lambda name: "~" if name in moving else ""  # noqa: E731
     xf = s.get("crossfade")
     seed = f"seed {s['seed']}" + (f" (crossfade {xf[0]}/{xf[1]})" if xf else "")
-    ctx = f"ctx {s['context_chunks']}" + (f"/{window}" if window else "")
-    return (f"{s['solver']} nfe {s['evals']} ({s['steps']} step{'s' if s['steps'] != 1 else ''})  temp "
-            f"{s['temperature']:.2f}  cfg {s['cfg_scale']:.2f}  {ctx}  {seed}  {steering_text(s)}")
+    ctx = f"ctx {value('context_chunks')}{mark('context_chunks')}" + (f"/{window}" if window else "")
+    steps, evals = s["steps"], s["evals"]
+    if "nfe" in eff and eff["nfe"] != s["nfe"]:  # an LFO'd NFE: the steps it rounds to now
+        steps = steps_for(s["solver"], eff["nfe"])
+        evals = steps * get_solver(s["solver"]).evals_per_step
+    gain = value("gain") if "gain" in s else 1.0
+    level = f"  gain {gain:.2f}{mark('gain')}" if gain != 1.0 or mark("gain") else ""
+    return (f"{s['solver']} nfe {evals}{mark('nfe')} ({steps} step{'s' if steps != 1 else ''})  temp "
+            f"{value('temperature'):.2f}{mark('temperature')}  cfg {value('cfg_scale'):.2f}{mark('cfg_scale')}  "
+            f"{ctx}{level}  {seed}  {steering_text(s, moving)}")
 
 
-def steering_text(s: dict) -> str:
-    """Only what differs from neutral, so an unsteered stream reads 'steer: off'."""
-    parts = []
+def modulated_names(s: dict) -> set[str]:
+    """The controls an LFO that is on, or a glide in progress, moves (from a state dict's "lfos" and "morph")."""
+    names = {lfo["target"] for lfo in s.get("lfos") or () if lfo.get("on", True) and lfo.get("depth", 1) != 0}
+    return names | set((s.get("morph") or {}).get("fields", ()))
+
+
+def steering_text(s: dict, moving: set[str] = frozenset()) -> str:
+    """Only what differs from neutral (the effective values where `s` has them), so an unsteered stream reads
+    'steer: off'; a vector an LFO or a glide moves is marked with a '~' even while it passes neutral."""
+    eff, parts = s.get("effective") or {}, []
     for name, neutral in (("token_scale", 1.0), ("token_bias", 0.0), ("channel_scale", 1.0), ("channel_bias", 0.0)):
-        changed = [(i, v) for i, v in enumerate(s[name]) if v != neutral]
+        changed = [(i, v) for i, v in enumerate(eff.get(name, s[name])) if v != neutral]
+        label = name + ("~" if name in moving else "")
         if changed:
             shown = " ".join(f"{i}:{v:+.1f}" if "bias" in name else f"{i}:x{v:.1f}" for i, v in changed[:4])
-            parts.append(f"{name} {shown}" + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""))
+            parts.append(f"{label} {shown}" + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""))
+        elif name in moving:
+            parts.append(f"{label} neutral now")
     return "steer: " + ("; ".join(parts) if parts else "off")
 
 
@@ -100,6 +125,7 @@ class Display:
     def _render(self):
         top = Text(chunk_text(self._last) if self._last else "starting (filling the buffer) ...", style="bold")
         state = Text(state_text(self.engine.state(), self.window))
-        bottom = Text((f"[{self.cursor()}]  " if self.cursor else "") + self._note + "   (h: help, q: quit)",
+        bottom = Text((f"[{self.cursor()}]  " if self.cursor else "") + self._note +
+                      "   (~ moved by an LFO or glide; h: help, q: quit)",
                       style="dim")
         return Group(top, state, bottom)

@@ -33,11 +33,21 @@ def default_dir() -> Path:
 
 
 def name_problem(name: object) -> str | None:
-    """Why `name` cannot name a preset, or None if it can."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith((" ", ".")):
-        return (f"a preset name is 1..64 letters, digits, '_', '-', '.' or spaces, not starting with '.' or a "
-                f"space nor ending with one, got {name!r:.70}")
-    return None
+    """Why `name` cannot name a preset (what is wrong with it, then the rule), or None if it can."""
+    if isinstance(name, str) and NAME.fullmatch(name) and not name.endswith((" ", ".")):
+        return None
+    if not isinstance(name, str):
+        why = f"{name!r:.40} is a {type(name).__name__}, not text"
+    elif not name:
+        why = "it is empty"
+    elif len(name) > 64:
+        why = f"{name[:20]!r}... has {len(name)} characters"
+    else:
+        bad = sorted({ch for ch in name if not (ch.isascii() and (ch.isalnum() or ch in "_-. "))})
+        why = f"{name!r}: " + (f"{', '.join(map(repr, bad))} cannot be in a name" if bad else
+                               f"it starts with {name[0]!r}" if name[0] in ". " else f"it ends with {name[-1]!r}")
+    return (f"bad preset name ({why}); a preset name is 1..64 letters, digits, '_', '-', '.' or spaces, not "
+            f"starting with '.' or a space nor ending with one")
 
 
 class PresetStore:

@@ -58,6 +58,8 @@ HELP = {
     "reset": '{"reset": "steering"}  (scale/bias), {"reset": "lfos"}  or  {"reset": "all"}  (everything but the seed)',
     "get": '{"get": "state"}  or  {"get": "info"}  (the ready event again)', "quit": '{"quit": true}',
     "help": '{"help": true}',
+    "midi_learn": '{"midi_learn": "temperature"}  (with --midi: the next knob moved drives it; "channel_bias/12" '
+                  'one element, "channel_scale/0-31" a run; saved to --midi-map)',
 }
 MAX_LINE = 64 * 1024  # longer lines are refused rather than buffered without bound
 

@@ -21,6 +21,7 @@ Command forms (one JSON object each; several keys in one message apply together)
     {"reset": "steering" | "lfos" | "all"}            steering = the scale/bias vectors; all = everything but
                                                       the seed and the display events
     {"get": "state" | "info"} / {"help": true} / {"quit": true}
+    {"midi_learn": "temperature"}                     bind the next MIDI knob moved (midi.py; needs --midi)
 What a chunk is generated with is `modulate(controls, index)`: the set values, morphed and LFO'd
 (modulation.py); the controls themselves stay what the user set.
 """
@@ -202,11 +203,20 @@ def apply_message(c: Controls, msg: object, limits: Limits, now: int = 0) -> Upd
     if "get" in msg and msg["get"] not in GET_WHAT:
         raise ControlError(f'{{"get": "state"}} and {{"get": "info"}} are the queries, got {_show(msg["get"])}')
     learn = msg.get("midi_learn")
-    if "midi_learn" in msg and not isinstance(learn, str):
-        raise ControlError(f'{{"midi_learn": "temperature"}} names the control the next MIDI knob moved drives, '
-                           f"got {_show(learn)}")
+    if "midi_learn" in msg:
+        _learn_target(learn)
     return Update(c, seed_mode, quit="quit" in msg, get=msg.get("get"), help="help" in msg, save=save, delete=delete,
                   midi_learn=learn)
+
+
+def _learn_target(target) -> None:
+    """ControlError unless MIDI learn can bind a knob to `target`: checked here, with the rest of the message, so a
+    message that also saves a preset is refused before anything is written (the engine arms learning last)."""
+    if not isinstance(target, str):
+        raise ControlError(f'{{"midi_learn": "temperature"}} names the control the next MIDI knob moved drives, '
+                           f"got {_show(target)}")
+    from .midi_map import learn_range, parse_target  # here: midi_map builds on this module
+    learn_range(parse_target(target)[0])
 
 
 def describe(limits: Limits) -> dict:
