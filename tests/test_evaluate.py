@@ -10,7 +10,7 @@ from codicodec_flow.evaluation.evaluate import EvalConfig, pick_windows, run_eva
 from codicodec_flow.data.dataset import LatentFile
 from codicodec_flow.model import FlowDiT
 from codicodec_flow.latents import LatentStats
-from conftest import ar_latents, write_latent_dir
+from conftest import ar_latents, randomised_model, write_latent_dir
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,24 @@ def test_eval_cli(setup, capsys):
                  "--device", "cpu", "--no-audio", "--solver", "euler", "--nfe", "2"])
     out = capsys.readouterr().out
     assert code == 0 and "validation loss" in out and "rollout of 2 x 20 chunks" in out
+
+
+def test_eval_compares_with_a_teacher_on_the_same_prompts_and_noise(setup, capsys):
+    """A model compared with itself under the same sampler gives the same chunks (same prompts, same noise);
+    under another sampler the first chunks differ, and both sides are reported."""
+    root, held, _, _ = setup
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, cond_dim=32, context_chunks=4)
+    ckpt = root / "curved" / "ema.pt"  # not zero-initialised: its velocity field is curved, so solvers differ
+    save_checkpoint(inference_dict(randomised_model(cfg, scale=0.2).state_dict(), cfg, FlowConfig(),
+                                   LatentStats(torch.zeros(64), torch.ones(64), 1), {"name": "spectral", "version": "1"},
+                                   3), ckpt)
+    args = ["eval", "--ckpt", str(ckpt), "--data-dir", str(held), "--prompts", "3", "--prompt-chunks", "2",
+            "--continuation-chunks", "3", "--rollout-chunks", "0", "--device", "cpu", "--no-audio", "--solver", "euler",
+            "--nfe", "2", "--teacher", str(ckpt)]
+    assert main(args + ["--out-dir", str(root / "t1"), "--teacher-solver", "euler", "--teacher-nfe", "2"]) == 0
+    same = json.loads((root / "t1" / "eval.json").read_text())["teacher"]
+    assert same["first_chunk_rms"] == 0 and same["fd_token_ratio"] == pytest.approx(1.0)
+    assert same["nfe"] == 2 and "same prompts and noise" in capsys.readouterr().out
+    assert main(args + ["--out-dir", str(root / "t2"), "--teacher-solver", "heun", "--teacher-nfe", "8"]) == 0
+    other = json.loads((root / "t2" / "eval.json").read_text())["teacher"]
+    assert other["first_chunk_rms"] > 1e-3 and other["nfe"] == 8 and other["solver"] == "heun"

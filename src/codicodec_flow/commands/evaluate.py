@@ -27,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--rollout-streams", type=int, default=d.rollout_streams,
                    help=f"rollouts from different held-out prompts, run together (default {d.rollout_streams})")
     p.add_argument("--no-audio", action="store_true", help="skip decoding audio for the spectrogram")
+    p.add_argument("--teacher", metavar="CKPT", default=None,
+                   help="also continue the same prompts from the same noise with CKPT (e.g. a distilled student's "
+                        "teacher) and report both side by side")
+    p.add_argument("--teacher-solver", default=d.teacher_solver, help=f"the teacher's solver (default {d.teacher_solver})")
+    p.add_argument("--teacher-nfe", type=int, default=d.teacher_nfe, help=f"the teacher's NFE (default {d.teacher_nfe})")
     add_sampling(p, SampleConfig())
     add_device(p)
     add_codec_weights(p)
@@ -39,7 +44,8 @@ def run(a: argparse.Namespace) -> int:
                         "--rollout-chunks >= 0")
     cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
                      a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
-                     audio=not a.no_audio, rollout_streams=a.rollout_streams)
+                     audio=not a.no_audio, rollout_streams=a.rollout_streams, teacher=a.teacher,
+                     teacher_solver=a.teacher_solver, teacher_nfe=a.teacher_nfe)
     report = run_eval(cfg, sample_config(a, SampleConfig()))
     for line in summary(report):
         print(line)

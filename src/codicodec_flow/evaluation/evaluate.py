@@ -44,6 +44,9 @@ class EvalConfig:
     codec_ckpt: str | None = None
     trust_codec_ckpt: bool = False
     audio: bool = True  # decode one prompt + continuation for a spectrogram
+    teacher: str | None = None  # another checkpoint (a distilled student's teacher) continuing the same prompts
+    teacher_solver: str = "heun"  # ... with its own sampler, from the same noise
+    teacher_nfe: int = 8
 
 
 def pick_windows(files: list[LatentFile], n: int, length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -124,6 +127,8 @@ def _continuations(ev: _Run, report: dict) -> None:
     gen.prefill(prompts)
     with Reporter(K, "continuations", plain=ev.plain) as bar:
         cont = gen.generate(K, lambda i, _: bar.advance(f"{len(windows)} prompts"))  # (N, K, 8, 64)
+    if cfg.teacher:
+        report["teacher"] = _teacher(ev, prompts, real, cont)
     report["continuation"] = {
         "prompts": len(windows), "prompt_chunks": P, "chunks": K,
         "frechet": frechet_report(norm(cont), norm(real)),
@@ -148,6 +153,31 @@ def _continuations(ev: _Run, report: dict) -> None:
         "prompt | continuation (normalised latents)", boundary=P))
     if cfg.audio:
         report["plots"]["spectrogram"] = _spectrogram(ev.bundle, cfg, ev.device, prompts[0], cont[0], ev.out)
+
+
+def _teacher(ev: _Run, prompts: torch.Tensor, real: torch.Tensor, cont: torch.Tensor) -> dict:
+    """The teacher's continuations of the same prompts from the same noise (same seed: the generators draw it in the
+    same order), scored like the model's, and how far the model's first chunk lies from the teacher's."""
+    cfg, dev = ev.cfg, ev.device
+    teacher = load_bundle(cfg.teacher, dev)
+    if teacher.codec != ev.bundle.codec:
+        raise DataError(f"--teacher {cfg.teacher} was trained on {teacher.codec} latents, {cfg.ckpt} on "
+                        f"{ev.bundle.codec}: they cannot continue the same prompts")
+    sample = replace(ev.sample, solver=cfg.teacher_solver, nfe=cfg.teacher_nfe, num_samples=prompts.shape[0])
+    gen = StreamGenerator(teacher.model, teacher.stats, sample, dev, ev.amp)
+    gen.prefill(prompts)
+    with Reporter(cfg.continuation_chunks, "teacher", plain=ev.plain) as bar:
+        theirs = gen.generate(cfg.continuation_chunks, lambda i, _: bar.advance(f"{prompts.shape[0]} prompts"))
+    norm = ev.norm
+    fd, fd_own = frechet_report(norm(theirs), norm(real)), frechet_report(norm(cont), norm(real))
+    return {"ckpt": cfg.teacher, "solver": cfg.teacher_solver, "nfe": gen.evals * (1 + (sample.cfg_scale != 1.0)),
+            "frechet": fd, "spread": spread_ratio(norm(theirs), norm(real)),
+            "relatedness": prompt_relatedness(norm(theirs), norm(prompts)),
+            "fd_token_ratio": fd_own["fd_token"] / max(fd["fd_token"], 1e-12),
+            "first_chunk_rms": float((norm(cont[:, 0]) - norm(theirs[:, 0])).pow(2).mean().sqrt()),
+            "definition": "the teacher continues the same prompts from the same noise; fd_token_ratio = this "
+                          "model's FD token / the teacher's; first_chunk_rms: RMS distance between the two first "
+                          "continuation chunks (normalised latents; later chunks follow different pasts)"}
 
 
 def _rollout(ev: _Run, plain: bool | None) -> dict:
@@ -213,6 +243,12 @@ def summary(report: dict) -> list[str]:
                      f"{rr['ratio']:.2f}; below 1 = follows its prompt)")
     elif c:
         lines.append(f"continuations: {c['skipped']}")
+    if "teacher" in report:
+        te = report["teacher"]
+        lines.append(f"teacher {te['ckpt']} ({te['solver']}, NFE {te['nfe']}) on the same prompts and noise: FD token "
+                     f"{te['frechet']['fd_token']:.3f} (this model's is {te['fd_token_ratio']:.2f}x), spread "
+                     f"{te['spread']:.2f}x, relatedness {te['relatedness']['ratio']:.2f}; first chunks "
+                     f"{te['first_chunk_rms']:.3f} apart (RMS)")
     m = report.get("memorisation", {})
     if m.get("held_out_in_train"):
         lines.append("memorisation: not meaningful: the held-out chunks are themselves in --train-dir")
