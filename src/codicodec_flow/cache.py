@@ -1,12 +1,19 @@
 """KVCache: preallocated, static-shape key/value buffers for streaming one chunk at a time.
 
-Layout along the token axis of every buffer: a ring of W chunk slots (chunk n lives in slot n % W),
-then 3 x 8 scratch slots for the chunks of one pass (see `group`). Keys are stored rotated once, at their own
-absolute positions (chunk n's tokens sit at n * 8 + j); because rotary attention depends only on
-offsets, a later query rotated at its own absolute position sees exactly the offsets training saw.
+Layout along the token axis of every buffer: a ring of S = W + spare chunk slots (chunk n lives in slot n % S),
+then `scratch` x 8 scratch slots for the chunks of one pass (see `group`; 3 by default). Keys are stored
+rotated once, at their own absolute positions (chunk n's tokens sit at n * 8 + j); because rotary attention
+depends only on offsets, a later query rotated at its own absolute position sees exactly the offsets training saw.
 The tables are computed in float64 per chunk, so position four million is as exact as position 0 and
 a stream can run for hours at constant cost and precision. Nothing here grows, and no key is ever
 rotated twice.
+
+Rewinding (live lookahead, realtime/lookahead.py): `rewind(r)` takes back the last r chunks, so a guess can be
+replaced by what really happened. The `spare` slots beyond the window keep the chunks a rewound chunk's slot
+had overwritten out of sight rather than lost: after rewinding r <= spare chunks the ring still holds the whole
+window of the chunk appended next, and appending then gives exactly the keys and values of never having
+appended the guesses. `valid` counts the newest chunks whose slots hold what the ring position says; a slot
+holding a rewound chunk's leftovers is masked until it is written again.
 """
 from __future__ import annotations
 
@@ -23,30 +30,68 @@ SCRATCH_CHUNKS = 3  # one pass can carry a finished chunk joining the context, t
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # (n_layers, B, H, (W + 1) * 8, hd) keys rotated at their own positions, ring + scratch
-    v: torch.Tensor  # (n_layers, B, H, (W + 1) * 8, hd)
+    k: torch.Tensor  # (n_layers, B, H, (W + spare + scratch) * 8, hd) keys rotated at their own positions
+    v: torch.Tensor  # (n_layers, B, H, (W + spare + scratch) * 8, hd)
     window: int  # W, chunks of context
     chunk_tokens: int  # 8
     rope_base: float
     n: int = 0  # chunks appended so far = absolute index of the chunk being evaluated
     active: int | None = None  # attend to only the last `active` chunks (None: the whole window W)
-    _groups: dict = field(default_factory=dict)  # (n, active, roles) -> (mask, rotation tables)
+    spare: int = 0  # ring slots beyond the window: how many chunks `rewind` may take back
+    scratch: int = SCRATCH_CHUNKS  # chunks one pass may carry
+    valid: int = 0  # the newest chunks whose ring slots hold them (<= n; less only after a rewind)
+    _groups: dict = field(default_factory=dict)  # (n, valid, active, roles) -> (mask, rotation tables)
 
     @staticmethod
-    def empty(cfg: ModelConfig, batch: int, device, dtype) -> "KVCache":
+    def empty(cfg: ModelConfig, batch: int, device, dtype, spare: int = 0,
+              scratch: int = SCRATCH_CHUNKS) -> "KVCache":
+        if spare < 0 or scratch < 1:
+            raise ValueError(f"spare must be >= 0 and scratch >= 1, got {spare}, {scratch}")
         hd = cfg.dim // cfg.n_heads
-        shape = (cfg.n_layers, batch, cfg.n_heads, (cfg.context_chunks + SCRATCH_CHUNKS) * cfg.chunk_tokens, hd)
+        shape = (cfg.n_layers, batch, cfg.n_heads, (cfg.context_chunks + spare + scratch) * cfg.chunk_tokens, hd)
         return KVCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype),
-                       window=cfg.context_chunks, chunk_tokens=cfg.chunk_tokens, rope_base=cfg.rope_base)
+                       window=cfg.context_chunks, chunk_tokens=cfg.chunk_tokens, rope_base=cfg.rope_base,
+                       spare=spare, scratch=scratch)
+
+    @property
+    def slots(self) -> int:
+        """S: ring slots, the window and the spare ones."""
+        return self.window + self.spare
 
     @property
     def ring_tokens(self) -> int:
-        return self.window * self.chunk_tokens
+        return self.slots * self.chunk_tokens
 
     def reset(self) -> None:
         """Forget the past (buffers are kept; masks hide stale slots)."""
-        self.n = 0
+        self.n = self.valid = 0
         self._groups.clear()
+
+    @property
+    def rewindable(self) -> int:
+        """How many of the newest chunks `rewind` can take back and still leave the next chunk its whole window."""
+        return self.n if self.valid == self.n else self.valid - self.window
+
+    def rewind(self, r: int) -> None:
+        """Take back the last r chunks appended: the next chunk appended is chunk n - r, seeing what it would have
+        seen had they never been appended. At most `rewindable` (up to `spare` once the ring has wrapped)."""
+        if not 0 <= r <= self.rewindable:
+            raise ValueError(f"can rewind 0..{self.rewindable} chunks here (spare {self.spare}), not {r}")
+        self.n -= r
+        self.valid -= r
+
+    def resized(self, spare: int, scratch: int) -> "KVCache":
+        """A cache with `spare` rewindable slots and room for `scratch` chunks a pass, holding this one's past."""
+        L, B, H, _, hd = self.k.shape
+        out = KVCache.empty(_Dims(L, H * hd, H, self.window, self.chunk_tokens, self.rope_base), B, self.k.device,
+                            self.k.dtype, spare, scratch)
+        T, keep = self.chunk_tokens, min(self.valid, out.slots)
+        for c in range(self.n - keep, self.n):  # chunk c: from slot c % S to slot c % S'
+            src, dst = (c % self.slots) * T, (c % out.slots) * T
+            out.k[..., dst:dst + T, :] = self.k[..., src:src + T, :]
+            out.v[..., dst:dst + T, :] = self.v[..., src:src + T, :]
+        out.n, out.valid, out.active = self.n, keep, self.active
+        return out
 
     def set_active(self, chunks: int | None) -> None:
         """Limit attention to the last `chunks` chunks (1..W), e.g. a live control; None restores W."""
@@ -57,13 +102,14 @@ class KVCache:
     def group(self, roles: tuple[str, ...]) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         """Mask (1, 1, G * 8, R + G * 8) and rotation tables (G * 8, hd) for G chunks evaluated in one pass.
 
-        roles, in scratch order: "context" (only first: a finished chunk joining as chunk n; it sees the ring
-        and itself), "cond" (the new chunk, n or n + 1 after a context chunk; it sees the ring, the context chunk
-        and itself), "uncond" (the same chunk without context: only itself). The mask is None where every
-        key is seen (one conditional chunk once the window is full): no masking cost in the steady state.
+        roles, in scratch order: m >= 0 "context" chunks first (finished chunks joining as chunks n .. n + m - 1;
+        each sees the ring and the context chunks before it inside its window, and itself), then "cond" (the new
+        chunk, n + m; it sees the ring and the context chunks inside its window, and itself) and/or "uncond" (the
+        same chunk without context: only itself). The mask is None where every key is seen (one conditional
+        chunk once the window is full and no spare slots): no masking cost in the steady state.
         Computed once per chunk and roles, not per step.
         """
-        key = (self.n, self.active, roles)
+        key = (self.n, self.valid, self.active, roles)
         if key not in self._groups:
             if len(self._groups) > 8:
                 self._groups.clear()
@@ -71,21 +117,23 @@ class KVCache:
         return self._groups[key]
 
     def _build_group(self, roles: tuple[str, ...]):
-        W, T, G = self.window, self.chunk_tokens, len(roles)
-        if "context" in roles[1:] or G > SCRATCH_CHUNKS or not set(roles) <= set(ROLES):
-            raise ValueError(f"roles {roles}: a context chunk comes first, at most {SCRATCH_CHUNKS} chunks")
-        joined = roles[0] == "context"
-        device = self.k.device
-        slot_chunk = self.n - 1 - (self.n - 1 - torch.arange(W)) % W  # (W,) the chunk each ring slot holds
+        W, S, T, G = self.window, self.slots, self.chunk_tokens, len(roles)
+        m = next((i for i, role in enumerate(roles) if role != "context"), G)  # leading context chunks
+        if "context" in roles[m:] or G > self.scratch or not set(roles) <= set(ROLES):
+            raise ValueError(f"roles {roles}: context chunks come first, at most {self.scratch} chunks")
+        device, seen = self.k.device, self.active or W
+        slot_chunk = self.n - 1 - (self.n - 1 - torch.arange(S)) % S  # (S,) the chunk each ring slot holds
+        held = slot_chunk >= max(0, self.n - self.valid)  # written, and not a rewound chunk's leftovers
         rows, positions = [], []
         for g, role in enumerate(roles):
-            e = self.n + (joined and g > 0)  # the chunk index this one is evaluated as
-            ring = (slot_chunk >= 0) & (e - slot_chunk <= (self.active or W))  # written, inside its window
+            e = self.n + min(g, m)  # the chunk index this one is evaluated as
+            ring = held & (e - slot_chunk <= seen)  # inside its window
             if role == "uncond":
-                ring = torch.zeros(W, dtype=torch.bool)
+                ring = torch.zeros(S, dtype=torch.bool)
             scratch = torch.zeros(G, dtype=torch.bool)
             scratch[g] = True  # itself
-            scratch[0] |= joined and role == "cond"  # the chunk that joins the context before it
+            if role != "uncond":  # the chunks joining the context before it, inside its window
+                scratch[:min(g, m)] = e - (self.n + torch.arange(min(g, m))) <= seen
             rows.append(torch.cat([ring, scratch]).repeat_interleave(T)[None].expand(T, -1))  # (8, R + G * 8)
             positions.append(torch.arange(e * T, (e + 1) * T))
         mask = torch.cat(rows).to(device)[None, None]  # (1, 1, G * 8, R + G * 8)
@@ -101,13 +149,15 @@ class KVCache:
         self.v[layer, :, :, R:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def append_scratch(self) -> None:
-        """Move the first scratch chunk (a "context" one) into its ring slot: context for the chunks after it."""
+    def append_scratch(self, m: int = 1) -> None:
+        """Move the first m scratch chunks ("context" ones) into their ring slots: context for the chunks after."""
         T, R = self.chunk_tokens, self.ring_tokens
-        slot = (self.n % self.window) * T
-        self.k[..., slot:slot + T, :] = self.k[..., R:R + T, :]
-        self.v[..., slot:slot + T, :] = self.v[..., R:R + T, :]
-        self.n += 1
+        for i in range(m):
+            slot, src = ((self.n + i) % self.slots) * T, R + i * T
+            self.k[..., slot:slot + T, :] = self.k[..., src:src + T, :]
+            self.v[..., slot:slot + T, :] = self.v[..., src:src + T, :]
+        self.n += m
+        self.valid = min(self.valid + m, self.slots)
 
     def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Prefill: keys rotated at positions 0 .. n * 8 - 1 and values (B, H, n * 8, hd) of chunks 0..n-1
@@ -120,4 +170,15 @@ class KVCache:
 
     def mark_prefilled(self, n: int) -> None:
         """The first n chunks are stored (store_prefix on every layer): the next chunk evaluated is chunk n."""
-        self.n = n
+        self.n = self.valid = n
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """What KVCache.empty reads of a ModelConfig (resized keeps the dimensions it already has)."""
+    n_layers: int
+    dim: int
+    n_heads: int
+    context_chunks: int
+    chunk_tokens: int
+    rope_base: float

@@ -5,7 +5,9 @@ new chunk's 8 tokens against the cache, then add the finished chunk, lightly re-
 `context_noise` (the level the model was trained to expect on its context), to the cache as context.
 That addition rides along the next chunk's first evaluation (one pass, one read of the weights:
 NFE passes per chunk instead of NFE + 1); `flush()` makes it at once. Memory and time per chunk stay
-flat however long the stream runs.
+flat however long the stream runs. A cache made ready for rewinding (`reserve_rewind`) lets several context
+chunks ride along one pass, and `rewind` takes the newest context chunks back (live lookahead replaces its
+guesses with the performer's real chunks this way).
 
 Temperature: the ODE starts from temperature * N(0, I) instead of N(0, I) (pingpong also scales the
 noise it re-injects). Below 1 the output is more conservative, above 1 more varied.
@@ -41,7 +43,7 @@ class StreamGenerator:
         self.chunks_done = 0
         self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
         self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk
-        self._pending: torch.Tensor | None = None  # a context chunk (B, 8, 64) waiting to join the next pass
+        self._pending: list[torch.Tensor] = []  # context chunks (B, 8, 64) waiting to join the next pass
 
     @property
     def evals(self) -> int:
@@ -79,30 +81,56 @@ class StreamGenerator:
         return (1 - s) * x + s * self._noise()
 
     @torch.inference_mode()
-    def add_context(self, x: torch.Tensor) -> None:
-        """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache."""
-        self._append(self._to_context(x))
+    def add_context(self, x: torch.Tensor) -> torch.Tensor:
+        """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache.
+        Returns the re-noised chunk, which add_noised_context puts back exactly (after a rewind)."""
+        ctx = self._to_context(x)
+        self._append(ctx)
+        return ctx
+
+    @torch.inference_mode()
+    def add_noised_context(self, ctx: torch.Tensor) -> None:
+        """A chunk add_context already re-noised (B, 8, 64), as the newest context again."""
+        self._append(ctx)
 
     def _append(self, ctx: torch.Tensor) -> None:
         """Queue a re-noised context chunk: it joins the cache in the next chunk's first pass (or at flush())."""
-        self.flush()
-        self._pending = ctx
+        if len(self._pending) >= max(1, self.cache.scratch - 2):  # room for the new chunk and its unguided twin
+            self.flush()
+        self._pending.append(ctx)
 
-    def _joining(self) -> Chunk | None:
-        """The queued context chunk as the leading chunk of a pass, and the queue emptied."""
-        if self._pending is None:
-            return None
-        ctx, self._pending = self._pending, None
+    @property
+    def context_length(self) -> int:
+        """Context chunks so far, queued ones included: where a chunk appended now lands."""
+        return self.cache.n + len(self._pending)
+
+    def reserve_rewind(self, chunks: int) -> None:
+        """Make the cache able to take back `chunks` context chunks (and to join that many in one pass); the
+        context it holds is kept."""
+        if chunks > self.cache.spare or chunks + 2 > self.cache.scratch:
+            self.cache = self.cache.resized(spare=chunks, scratch=chunks + 2)
+
+    def rewind(self, chunks: int) -> None:
+        """Take back the newest `chunks` context chunks (queued or in the cache; at most what reserve_rewind made
+        room for): the next context chunk goes where the first of them was."""
+        queued = min(chunks, len(self._pending))
+        del self._pending[len(self._pending) - queued:]
+        if chunks > queued:
+            self.cache.rewind(chunks - queued)
+
+    def _joining(self) -> list[Chunk]:
+        """The queued context chunks as the leading chunks of a pass, and the queue emptied."""
+        ctx, self._pending = self._pending, []
         s = self.cfg.context_noise
-        return Chunk(ctx, self._times(s), self.modulations(s), "context")
+        return [Chunk(c, self._times(s), self.modulations(s), "context") for c in ctx]
 
     @torch.inference_mode()
     def flush(self) -> None:
-        """Add a queued context chunk to the cache now, in a pass of its own (the cache then holds every chunk)."""
+        """Add the queued context chunks to the cache now, in a pass of their own (the cache then holds every chunk)."""
         join = self._joining()
-        if join is not None:
+        if join:
             with autocast(self.device, self.amp):
-                self.model.append_context(join.x, join.t, self.cache, mods=join.mods)
+                self.model.append_chunks(join, self.cache)
 
     def _append_many(self, ctx: torch.Tensor) -> None:
         """Context chunks (B, n, 8, 64): one batched prefill pass into an empty cache, else one append each."""
@@ -127,7 +155,7 @@ class StreamGenerator:
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
         mods = self.modulations(float(t[0, 0]))  # solvers give the whole chunk one time
-        join = self._joining()  # the chunk before, if it still waits to become context
+        join = self._joining()  # the chunks before, if they still wait to become context
         with autocast(self.device, self.amp):
             if self.cfg.cfg_scale != 1.0:
                 return self.model.forward_guided(x, t, self.cache, self.cfg.cfg_scale, mods=mods, join=join)

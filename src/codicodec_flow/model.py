@@ -11,6 +11,7 @@ attention depend only on token offsets, so the cache can use window-relative pos
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,23 +184,25 @@ class FlowDiT(nn.Module):
         cache.mark_prefilled(n)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, use_context: bool = True,
-                       mods: tuple[torch.Tensor, ...] | None = None, join: Chunk | None = None) -> torch.Tensor:
+                       mods: tuple[torch.Tensor, ...] | None = None,
+                       join: "Chunk | Sequence[Chunk] | None" = None) -> torch.Tensor:
         """Velocity for one new chunk x (B, 8, 64) at times t (B, 8) against the cached past.
 
         use_context=False ignores the past (the unconditional branch for classifier-free guidance).
         `mods`: precomputed conditioning(t), e.g. (1, 1, .) modulations of the chunk's single time, reused across chunks.
-        `join`: a finished chunk that becomes context first, in the same pass (it is appended to the cache, and
-        the new chunk is evaluated as the chunk after it): one read of the weights serves both.
-        Without `join` the ring is only read.
+        `join`: finished chunks (one, or several in order, as many as the cache's scratch leaves room for) that
+        become context first, in the same pass (they are appended to the cache, and the new chunk is evaluated
+        as the chunk after them): one read of the weights serves all. Without `join` the ring is only read.
         """
-        chunks = ([join] if join is not None else []) + [Chunk(x, t, mods, "cond" if use_context else "uncond")]
+        chunks = _joined(join) + [Chunk(x, t, mods, "cond" if use_context else "uncond")]
         return self._run_chunks(chunks, cache)
 
     def forward_guided(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, scale: float,
-                       mods: tuple[torch.Tensor, ...] | None = None, join: Chunk | None = None) -> torch.Tensor:
+                       mods: tuple[torch.Tensor, ...] | None = None,
+                       join: "Chunk | Sequence[Chunk] | None" = None) -> torch.Tensor:
         """Classifier-free guided velocity v_u + scale * (v_c - v_u) for x (B, 8, 64), the conditional and the
         unconditional branch evaluated in one pass (the weights are read once for both)."""
-        chunks = ([join] if join is not None else []) + [Chunk(x, t, mods, "cond"), Chunk(x, t, mods, "uncond")]
+        chunks = _joined(join) + [Chunk(x, t, mods, "cond"), Chunk(x, t, mods, "uncond")]
         v_c, v_u = self._run_chunks(chunks, cache).float().chunk(2, dim=1)  # 2 x (B, 8, 64)
         return v_u + scale * (v_c - v_u)
 
@@ -208,9 +211,13 @@ class FlowDiT(nn.Module):
         """Run a finished chunk x (B, 8, 64), at its context-noise times t (B, 8), into the cache as the newest context."""
         self._run_chunks([Chunk(x, t, mods, "context")], cache)
 
+    def append_chunks(self, chunks: Sequence[Chunk], cache: KVCache) -> None:
+        """Run finished chunks (role "context", oldest first) into the cache in one pass."""
+        self._run_chunks(list(chunks), cache)
+
     def _run_chunks(self, chunks: list[Chunk], cache: KVCache) -> torch.Tensor | None:
-        """One pass over up to three chunks against the cache (roles: KVCache.group); returns the velocities of
-        the chunks that are not context, (B, k * 8, 64), and appends a leading context chunk to the cache."""
+        """One pass over a few chunks against the cache (roles: KVCache.group); returns the velocities of the
+        chunks that are not context, (B, k * 8, 64), and appends the leading context chunks to the cache."""
         T = self.cfg.chunk_tokens
         roles = tuple(c.role for c in chunks)
         mask, rope = cache.group(roles)
@@ -227,13 +234,19 @@ class FlowDiT(nn.Module):
                 keys, values = cache.stage(i, k, v, rope)  # scratch slots hold these chunks' k (rotated), v
                 return self.blocks[i].attn.attend(q, keys, values, mask)
             h = block(h, per_block[i], rope, attend)
-        skip = T if roles[0] == "context" else 0
-        if skip:
-            cache.append_scratch()  # the finished chunk's keys and values move into the ring
-            if len(chunks) == 1:
-                return None  # nothing to predict: the context chunk's own velocity is never used
+        joining = roles.count("context")  # group() checked that they lead
+        skip = T * joining
+        if joining:
+            cache.append_scratch(joining)  # the finished chunks' keys and values move into the ring
+            if len(chunks) == joining:
+                return None  # nothing to predict: a context chunk's own velocity is never used
         head = per_block[-1] if per_block[-1].shape[1] == 1 else per_block[-1][:, skip:]
         return self._head(h[:, skip:], head)  # (B, k * 8, 64)
+
+
+def _joined(join: "Chunk | Sequence[Chunk] | None") -> list["Chunk"]:
+    """forward_cached's `join` as a list: none, one chunk, or several."""
+    return [] if join is None else [join] if isinstance(join, Chunk) else list(join)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from ..config import LIVE_SAMPLING
 from ..errors import FlowError
 from ..realtime.engine import EngineConfig
 from ..realtime.live_input import LISTEN_MODES
+from ..realtime.lookahead import MAX_LOOKAHEAD
 from ..realtime.ort_backend import BACKENDS
 from ..realtime.midi import VIRTUAL_NAME, input_names
 from ..realtime.protocol import CONTROL_HELP
@@ -100,6 +101,12 @@ def register(sub) -> None:
     i.add_argument("--listen", default=d.listen, choices=LISTEN_MODES,
                    help="context from the input alone, or from the input mixed with the model's own output "
                         f"(default {d.listen})")
+    i.add_argument("--lookahead", type=int, default=d.lookahead, metavar="N",
+                   help=f"play in time with the performer: when input chunk k is complete, make the chunk for k + N "
+                        f"(the model guesses the N - 1 chunks in between, replaced by the real ones as they come) and "
+                        f"start it when the performer starts chunk k + N, input and output latency taken out. "
+                        f"0..{MAX_LOOKAHEAD}; 0: off, each chunk plays as soon as it is ready, about a chunk and "
+                        f"play_delay late (default {d.lookahead}). The summary suggests the smallest N that fits")
     p.set_defaults(func=run)
 
 
@@ -111,7 +118,7 @@ def run(a: argparse.Namespace) -> int:
     if a.ckpt is None:
         raise FlowError("realtime needs --ckpt (the ema.pt or last.pt that train wrote)")
     try:
-        engine = EngineConfig(prebuffer=a.prebuffer, max_chunks=a.max_chunks, listen=a.listen)
+        engine = EngineConfig(prebuffer=a.prebuffer, max_chunks=a.max_chunks, listen=a.listen, lookahead=a.lookahead)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
     cfg = RealtimeConfig(ckpt=a.ckpt, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,

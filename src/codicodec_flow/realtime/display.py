@@ -57,11 +57,18 @@ def steering_text(s: dict, moving: set[str] = frozenset()) -> str:
     return "steer: " + ("; ".join(parts) if parts else "off")
 
 
-def chunk_text(ev: dict) -> str:
+def chunk_text(ev: dict, alignment: float | None = None) -> str:
+    """A chunk event in one line; `alignment`: the latest played chunk's alignment error, if measured."""
     line = (f"chunk {ev['index']:5d}  compute {1000 * ev['compute_s']:7.1f} ms  {ev['rtf']:6.1f}x real time  "
             f"buffer {ev['buffer_s']:4.2f} s  underruns {ev['underruns']}")
     if ev.get("latency_s") is not None:
-        line += f"  latency {ev['latency_s']:.3f} s (heard after {ev['play_delay_s']:.2f} s)"
+        line += f"  latency {ev['latency_s']:.3f} s"
+        if ev.get("play_delay_s") is not None:
+            line += f" (heard after {ev['play_delay_s']:.2f} s)"
+    if ev.get("late_s"):
+        line += f"  slot {ev['slot']} missed by {ev['late_s']:.3f} s" + (" (catch-up)" if ev.get("catch_up") else "")
+    if alignment is not None:
+        line += f"  align {alignment:+.3f} s"
     return line
 
 
@@ -72,7 +79,22 @@ def summary_lines(s: Summary, saved: str | None = None) -> list[str]:
              f"underruns {s.underruns}; peak buffer {s.peak_buffer_s:.2f} s"]
     if s.latency_mean_s is not None:
         lines.append(f"input -> generated chunk latency: mean {s.latency_mean_s:.3f} s, p95 {s.latency_p95_s:.3f} s; "
-                     f"heard after {s.play_delay_mean_s:.2f} s on average (latency + audio queued ahead)")
+                     f"heard after {s.play_delay_mean_s:.2f} s on average (latency + audio queued ahead)"
+                     if s.play_delay_mean_s is not None else
+                     f"input -> generated chunk latency: mean {s.latency_mean_s:.3f} s, p95 {s.latency_p95_s:.3f} s")
+    if s.aligned_chunks:
+        lines.append(f"alignment (output chunk j starts - performer starts input chunk j) over {s.aligned_chunks} "
+                     f"chunks: mean {s.alignment_mean_s:+.3f} s, p95 {s.alignment_p95_s:.3f} s, max "
+                     f"{s.alignment_max_s:.3f} s" + (f" (--lookahead {s.lookahead})" if s.lookahead else ""))
+    if s.late_chunks:
+        lines.append(f"TOO SLOW for --lookahead {s.lookahead}: {s.late_chunks} chunks missed their slot "
+                     f"({s.dropped_chunks} dropped whole, the rest cut to the grid); "
+                     + (f"--lookahead {s.suggested_lookahead} would have fit"
+                        if s.suggested_lookahead and s.suggested_lookahead > s.lookahead else
+                        "lower --nfe or use a faster device"))
+    elif s.suggested_lookahead is not None and s.aligned_chunks and not s.lookahead:
+        lines.append(f"the band played {s.alignment_mean_s:.2f} s behind the performer; --lookahead "
+                     f"{s.suggested_lookahead} would line it up")
     if saved:
         lines.append(f"saved {saved}")
     return lines
@@ -87,6 +109,7 @@ class Display:
         self.stream = stream or sys.stdout
         self.console = Console(file=self.stream)
         self._last: dict | None = None
+        self._alignment: float | None = None  # the latest played chunk's
         self._note = ""
         self._live: Live | None = None
         engine.subscribe(self.on_event)
@@ -103,13 +126,22 @@ class Display:
             self._live.stop()
 
     def on_event(self, ev: dict) -> None:
+        if ev.get("event") == "played":
+            self._alignment = ev["alignment_s"]
+            return
+        if ev.get("event") == "late" and self._live is not None:
+            self.note(f"chunk {ev['index']} missed its slot by {ev['late_s']:.3f} s: too slow for --lookahead "
+                      f"{ev['lookahead']}" + (f" (try {ev['suggested_lookahead']})" if ev.get("suggested_lookahead")
+                                              else ""))
+            return
         if ev.get("event") != "chunk":
             return
         self._last = ev
         if self._live is not None:
             self._live.update(self._render())
         else:
-            print(f"{chunk_text(ev)}  |  {state_text(ev['state'], self.window)}", file=self.stream, flush=True)
+            print(f"{chunk_text(ev, self._alignment)}  |  {state_text(ev['state'], self.window)}", file=self.stream,
+                  flush=True)
 
     def note(self, text: str) -> None:
         """A one-line message (a key's effect); on a terminal it stays under the status until the next one."""
@@ -123,7 +155,8 @@ class Display:
         self.console.print(f"keys:\n{lines}", markup=False, highlight=False)
 
     def _render(self):
-        top = Text(chunk_text(self._last) if self._last else "starting (filling the buffer) ...", style="bold")
+        top = Text(chunk_text(self._last, self._alignment) if self._last else "starting (filling the buffer) ...",
+                   style="bold")
         state = Text(state_text(self.engine.state(), self.window))
         bottom = Text((f"[{self.cursor()}]  " if self.cursor else "") + self._note +
                       "   (~ moved by an LFO or glide; h: help, q: quit)",

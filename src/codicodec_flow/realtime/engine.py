@@ -18,6 +18,13 @@ Generation thread (the only one that touches the model and the codec), per chunk
      controls and their modulated values), and the opt-in "waveform" and "latents" events.
 Playback thread: waits until `prebuffer` chunks are queued, then runs the sink until the ring drains.
 Before the first chunk a "ready" event gives the model's facts (sizes, window, codec, sample rate).
+
+With --lookahead N (lookahead.py) step 3 puts the performer's chunk k in place of the model's guess for it
+and the chunk made is the one for slot k + N; step 5 places it on a timeline (timeline.py) where it starts
+when the performer starts input chunk k + N, instead of queueing it, and the sink runs from the start.
+Alignment: each chunk written for an input chunk j records when its first sample sounded (the sink says),
+and (that moment) - (when the performer started input chunk j) is its alignment error, in a "played" event
+and the summary. A lookahead chunk that misses its slot is cut to the grid ("late" event), never played late.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -33,10 +40,14 @@ import torch
 
 from ..codec import CHANNELS, CHUNK_SAMPLES, CHUNK_SECONDS, LATENT_DIM, SAMPLE_RATE, TOKENS_PER_CHUNK, Codec
 from ..errors import FlowError
+from .clock import REAL_CLOCK
 from .generator import LiveGenerator
-from .live_input import LISTEN_MODES
+from .live_input import LISTEN_MODES, InputChunk
+from .lookahead import MAX_LOOKAHEAD, Lookahead
 from .modulation import derived_seed
 from .ring import AudioRing
+from .stats import ChunkStats, Summary, summarise
+from .timeline import Timeline
 from .state import MAX_GAIN, ControlError, Controls, Limits, Update, apply_message, describe, modulate
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,7 @@ class EngineConfig:
     headroom: int = 4  # ring capacity beyond the prebuffer, in chunks (absorbs an unpaced input)
     retries: int = 2  # fresh-noise redraws of a chunk that came out NaN/inf (or raised) before it is given up
     max_failed_chunks: int = 8  # given-up chunks in a row that end the session
+    lookahead: int = 0  # with an input: make the chunk for input chunk k + N and play it on the grid (0: off)
 
     def __post_init__(self):
         if self.prebuffer < 1:
@@ -71,37 +83,8 @@ class EngineConfig:
             raise ValueError(f"--max-chunks must be at least 1, got {self.max_chunks}")
         if self.listen not in LISTEN_MODES:
             raise ValueError(f"--listen must be one of {', '.join(LISTEN_MODES)}, got {self.listen!r}")
-
-
-@dataclass(frozen=True)
-class ChunkStats:
-    index: int
-    compute_s: float  # encode (with an input) + generate + decode
-    rtf: float  # chunk seconds / compute seconds: above 1 is faster than real time
-    buffer_s: float  # audio queued right after this chunk was pushed
-    underruns: int  # so far, whole session
-    latency_s: float | None = None  # input chunk complete -> this chunk decoded and in the ring
-    play_delay_s: float | None = None  # ... plus the audio queued ahead of it: when it starts to sound
-
-
-@dataclass
-class Summary:
-    chunks: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0  # start to end of the generation loop, waits included
-    compute_mean_s: float = 0.0
-    compute_p95_s: float = 0.0
-    rtf: float = 0.0  # sustained: audio seconds / compute seconds over the whole session
-    wall_rtf: float = 0.0  # audio seconds / wall seconds (equals rtf's meaning only when unthrottled)
-    underruns: int = 0
-    peak_buffer_s: float = 0.0
-    latency_mean_s: float | None = None
-    latency_p95_s: float | None = None
-    play_delay_mean_s: float | None = None
-    per_chunk: list[ChunkStats] = field(default_factory=list, repr=False)  # the last STATS_WINDOW chunks
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "per_chunk"}
+        if not 0 <= self.lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"--lookahead must be 0..{MAX_LOOKAHEAD} chunks, got {self.lookahead}")
 
 
 class Engine:
@@ -118,8 +101,23 @@ class Engine:
                      "chunk_samples": CHUNK_SAMPLES, "chunk_seconds": CHUNK_SECONDS,
                      "tokens_per_chunk": TOKENS_PER_CHUNK, "latent_dim": LATENT_DIM,
                      "window": gen.model.cfg.context_chunks, "codec": codec.name, "max_gain": MAX_GAIN,
-                     "model": asdict(gen.model.cfg), "prebuffer": cfg.prebuffer, **(info or {})}
-        self.ring = AudioRing((cfg.prebuffer + cfg.headroom) * CHUNK_SAMPLES)
+                     "model": asdict(gen.model.cfg), "prebuffer": cfg.prebuffer, "lookahead": cfg.lookahead,
+                     **(info or {})}
+        rate = SAMPLE_RATE * getattr(sink, "speed", 1.0)  # samples per second of the sink's clock
+        self.look: Lookahead | None = None
+        if cfg.lookahead:
+            if source is None:
+                raise FlowError("--lookahead needs a live input (--input-wav or --input-device)")
+            gen.reserve_rewind(cfg.lookahead)
+            self.look = Lookahead(cfg.lookahead, getattr(source, "period", CHUNK_SECONDS))
+            self.ring = Timeline((cfg.lookahead + 1 + cfg.headroom) * CHUNK_SAMPLES, rate)
+        else:
+            self.ring = AudioRing((cfg.prebuffer + cfg.headroom) * CHUNK_SAMPLES, rate)
+        self.now = getattr(source, "clock", REAL_CLOCK).now  # the clock the input's and the sink's moments are on
+        self.ring.now = self.now
+        self._targets: dict[int, tuple[int, float]] = {}  # chunk -> (slot, when input chunk `slot` started)
+        self._stats_lock = threading.Lock()
+        self._player: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pending, self._seed_mode = controls, "crossfade"
         self._next = 0  # the chunk the controls submitted now are first heard in (a morph starts there)
@@ -196,6 +194,7 @@ class Engine:
         self._t0 = time.perf_counter()
         self._threads = [threading.Thread(target=self._guard(self._generate), name="realtime-generate", daemon=True),
                          threading.Thread(target=self._guard(self._play), name="realtime-play", daemon=True)]
+        self._player = self._threads[1]
         for t in self._threads:
             t.start()
         return self
@@ -227,6 +226,7 @@ class Engine:
         """
         self._t0 = time.perf_counter()
         self._threads = [threading.Thread(target=self._guard(self._play), name="realtime-play", daemon=True)]
+        self._player = self._threads[0]
         self._threads[0].start()
         try:
             self._generate()  # its errors (and Ctrl-C) reach the caller directly; finally stops the player
@@ -237,20 +237,18 @@ class Engine:
         return self.summary()
 
     def summary(self) -> Summary:
-        s = list(self.stats)  # percentiles and latency over the last STATS_WINDOW chunks; rtf over all
-        compute = np.array([c.compute_s for c in s]) if s else np.zeros(1)
-        lat = [c.latency_s for c in s if c.latency_s is not None]
-        delay = [c.play_delay_s for c in s if c.play_delay_s is not None]
+        with self._stats_lock:
+            per_chunk = list(self.stats)  # percentiles over the last STATS_WINDOW chunks; rtf over all
         audio = self.chunks * CHUNK_SECONDS
         wall = max((self._t1 or time.perf_counter()) - self._t0, 1e-9)
-        return Summary(chunks=self.chunks, audio_s=audio, wall_s=wall,
-                       compute_mean_s=self._compute_total / max(self.chunks, 1),
-                       compute_p95_s=float(np.percentile(compute, 95)), rtf=audio / max(self._compute_total, 1e-9),
-                       wall_rtf=audio / wall, underruns=self.ring.underruns,
-                       peak_buffer_s=self.ring.peak / SAMPLE_RATE,
-                       latency_mean_s=float(np.mean(lat)) if lat else None,
-                       latency_p95_s=float(np.percentile(lat, 95)) if lat else None,
-                       play_delay_mean_s=float(np.mean(delay)) if delay else None, per_chunk=s)
+        period = self.look.period if self.look is not None else getattr(self.source, "period", CHUNK_SECONDS)
+        return summarise(per_chunk, Summary(
+            chunks=self.chunks, audio_s=audio, wall_s=wall, compute_mean_s=self._compute_total / max(self.chunks, 1),
+            rtf=audio / max(self._compute_total, 1e-9), wall_rtf=audio / wall, underruns=self.ring.underruns,
+            peak_buffer_s=self.ring.peak / SAMPLE_RATE, lookahead=self.cfg.lookahead,
+            input_latency_s=getattr(self.source, "input_latency", None),
+            output_latency_s=getattr(self.sink, "output_latency", None)),
+            read_ahead_s=self.ring.read_ahead_s, period=period, chunk_s=CHUNK_SAMPLES / self.ring.rate)
 
     # ------------------------------------------------------------------ threads
 
@@ -269,15 +267,33 @@ class Engine:
             self.codec.reset()
             if self.warmup is not None:  # the prompt's last chunk: the decoder's past runs into the stream
                 self.codec.decode_next(self.warmup)
-            while not self._stop.is_set() and (self.cfg.max_chunks is None or self.chunks < self.cfg.max_chunks):
-                if not self._one_chunk():
+            while not self._stop.is_set() and not self._enough():
+                if not self._one_step():
                     break
-            self._emit({"event": "end", **self.summary().to_json()})
-        finally:
             self._t1 = time.perf_counter()
             self.ring.close(discard=self._stop.is_set())
+            self._play_out()
+            self._emit({"event": "end", **self.summary().to_json()})
+        finally:
+            self._t1 = self._t1 or time.perf_counter()
+            self.ring.close(discard=self._stop.is_set())
 
-    def _one_chunk(self) -> bool:
+    def _enough(self) -> bool:
+        return self.cfg.max_chunks is not None and self.chunks >= self.cfg.max_chunks
+
+    def _play_out(self) -> None:
+        """Wait while the player plays what is queued (the last chunks' alignment is measured as they sound)."""
+        player = self._player
+        if player is None or player is threading.current_thread():
+            return
+        deadline = time.monotonic() + self.ring.capacity / self.ring.rate + 5.0
+        while player.is_alive() and not self._stop.is_set() and time.monotonic() < deadline:
+            player.join(0.05)
+            self._collect_sounded()
+        self._collect_sounded()
+
+    def _one_step(self) -> bool:
+        """One input chunk (or, without an input, one chunk): listen, generate, queue. False: the end."""
         heard = None
         if self.source is not None:
             heard = self.source.read(self._stop)  # blocks until the performer's chunk is complete
@@ -285,6 +301,32 @@ class Engine:
                 return False
         elif not self.ring.wait_until(lambda level: level < self.cfg.prebuffer * CHUNK_SAMPLES, self._stop):
             return False  # stopped while throttled
+        if self.look is None:
+            listen = None if heard is None else (lambda reasons: self._hear(self._heard(heard, self._last_wave),
+                                                                             reasons))
+            return self._one_chunk(heard, None if heard is None else heard.index, listen)
+        slots, band = self.look.slots(heard), self.look.played_in(heard.index)  # before follow() lets that guess go
+        listen = lambda reasons: self.look.follow(  # noqa: E731
+            self.gen, heard, lambda: self._hear(self._heard(heard, band), reasons))
+        for slot in slots:  # more than one at the start or after an input gap: a catch-up burst
+            if not self._one_chunk(heard, slot, listen, catch_up=len(slots) > 1, whole=slot != slots[-1]):
+                return False
+            listen = None  # the context is ready for the chunks after the first
+            if self._stop.is_set() or self._enough():
+                break
+        return True
+
+    def _heard(self, heard: InputChunk, band: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        """What the model hears of an input chunk: the performer, or with --listen mix the band as it sounded."""
+        if self.cfg.listen == "mix" and band is not None:
+            return heard.audio + torch.as_tensor(band)
+        return heard.audio
+
+    def _one_chunk(self, heard: InputChunk | None, slot: int | None, listen, catch_up: bool = False,
+                   whole: bool = False) -> bool:
+        """Generate, steer, decode, level and queue one chunk; listen(reasons), if given, first puts the input in
+        the context. slot: the input chunk it lines up with (None: no input); with lookahead, whole: play it only
+        if it can start on time (a guess made to catch up)."""
         index = self.chunks
         base, mode, cycled = self._take(index)  # after the wait, so a control sent meanwhile is heard in this chunk
         controls = modulate(base, index, self.limits.window)
@@ -293,28 +335,51 @@ class Engine:
         xf = self.gen.noise.crossfade  # the blend this chunk is drawn with
         t0 = time.perf_counter()
         reasons: list[str] = []
-        if heard is not None:
-            audio = heard.audio
-            if self.cfg.listen == "mix" and self._last_wave is not None:
-                audio = audio + self._last_wave  # the band as it sounded in that moment
-            self._hear(audio, reasons)
+        if listen is not None:
+            listen(reasons)
         heard_issues = len(reasons)
-        wave, x0 = self._render(heard is None, reasons)
+        # the model's own chunk is context without an input, and as the guess for its slot with lookahead
+        wave, x0, ctx = self._render(heard is None or self.look is not None, reasons)
         failed = len(reasons) - heard_issues  # drafts that went wrong
         wave = self._level(wave, controls.gain)  # (2, 32768), within [-1, 1]
         compute = time.perf_counter() - t0
-        ahead = self.ring.level
-        if not self.ring.write(wave.numpy(), self._stop):
-            return False
-        done = time.perf_counter()
+        audio = wave.numpy()
+        late = placed = None
+        if self.look is None:
+            ahead = self.ring.level
+            if not self.ring.write(audio, self._stop, mark=index if slot is not None else None):
+                return False
+        else:
+            placed = self.ring.place(audio, self.look.target(slot), self._stop, mark=index, whole=whole)
+            if placed is None:
+                return False
+            late = placed.cut / self.ring.rate
+            if placed.cut:
+                audio = audio.copy()
+                audio[:, :placed.cut] = 0.0  # what sounded in that slot
+            self.look.keep(slot, ctx, audio)
+        done = self.now()
         if self.recorder is not None:
             self.recorder.write(wave.numpy())
         self._last_wave = wave
         latency = None if heard is None else done - heard.complete_at
+        if latency is None:
+            delay = None
+        elif placed is None:
+            delay = latency + ahead / SAMPLE_RATE
+        else:
+            delay = None if placed.dropped else self.look.target(slot) + late - heard.complete_at
+        started = None if heard is None else heard.started_at
+        if started is not None and slot is not None:
+            self._targets[index] = (slot, started if self.look is None else self.look.target(slot))
+            if len(self._targets) > 64:  # chunks that never sounded (dropped, discarded at a stop)
+                del self._targets[next(iter(self._targets))]
         stats = ChunkStats(index=index, compute_s=compute, rtf=CHUNK_SECONDS / max(compute, 1e-9),
                            buffer_s=self.ring.level / SAMPLE_RATE, underruns=self.ring.underruns, latency_s=latency,
-                           play_delay_s=None if latency is None else latency + ahead / SAMPLE_RATE)
-        self.stats.append(stats)
+                           play_delay_s=delay, slot=slot, ready_s=None if started is None else done - started,
+                           late_s=late, catch_up=catch_up)
+        with self._stats_lock:
+            self.stats.append(stats)
         self.chunks += 1
         self._compute_total += compute
         if cycled:
@@ -323,11 +388,30 @@ class Engine:
             outcome = "silence" if x0 is None else "regenerated" if failed else "input_left_out"
             self._emit({"event": "recovered", "index": index, "outcome": outcome, "retries": failed - (x0 is None),
                         "reasons": reasons})
-        self._emit({"event": "chunk", **asdict(stats), "input_index": None if heard is None else heard.index,
-                    "state": {**base.to_json(), "effective": controls.modulated_json(),
-                              "crossfade": list(xf) if xf else None}})
+        event = {"event": "chunk", **asdict(stats), "input_index": None if heard is None else heard.index,
+                 "state": {**base.to_json(), "effective": controls.modulated_json(),
+                           "crossfade": list(xf) if xf else None}}
+        del event["alignment_s"]  # not known yet: the "played" event brings it
+        self._emit(event)
+        if late and not catch_up:
+            self._emit({"event": "late", "index": index, "slot": slot, "late_s": late, "dropped": placed.dropped,
+                        "lookahead": self.cfg.lookahead, "suggested_lookahead": self.summary().suggested_lookahead})
         self._display_events(index, controls, wave, x0)
+        self._collect_sounded()
         return True
+
+    def _collect_sounded(self) -> None:
+        """Alignment of the chunks that started sounding since the last call: into their stats and "played" events."""
+        for index, when in self.ring.sounded():
+            slot, started = self._targets.pop(index, (None, None))
+            if started is None:
+                continue
+            error = when - started
+            with self._stats_lock:
+                at = len(self.stats) - (self.chunks - index)
+                if 0 <= at < len(self.stats) and self.stats[at].index == index:
+                    self.stats[at] = replace(self.stats[at], alignment_s=error)
+            self._emit({"event": "played", "index": index, "slot": slot, "alignment_s": error})
 
     def _take(self, index: int) -> tuple[Controls, str, bool]:
         """The controls chunk `index` uses, its seed mode, and whether auto-cycling changed the seed for it."""
@@ -355,8 +439,10 @@ class Engine:
                         exc_info=log.isEnabledFor(logging.DEBUG))
             reasons.append(f"encoding the input failed ({type(exc).__name__}: {exc}); left out of the context")
 
-    def _render(self, as_context: bool, reasons: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This chunk's audio (2, 32768) and its latents (8, 64, normalised; None for a recovery's silence)."""
+    def _render(self, as_context: bool, reasons: list[str]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This chunk's audio (2, 32768), its latents (8, 64, normalised; None for a recovery's silence) and, when
+        it became context, the chunk as it went in (add_context's re-noised copy)."""
         for _ in range(1 + self.cfg.retries):
             try:
                 x0 = self.gen.draft()  # (B, 8, 64)
@@ -368,7 +454,7 @@ class Engine:
                     reasons.append("non-finite audio")
                     self.codec.reset()  # its streaming state may hold the bad values
                     continue
-                self.gen.commit(x0, as_context)
+                ctx = self.gen.commit(x0, as_context)
             except Exception as exc:  # one chunk's failure must not end a performance
                 reasons.append(f"{type(exc).__name__}: {str(exc)[:200]}")
                 log.warning(f"chunk {self.chunks}: {reasons[-1]}; drawing it again",
@@ -379,7 +465,7 @@ class Engine:
             if self._silent:  # back from silence: fade in rather than click
                 wave[:, :FADE] *= torch.linspace(0.0, 1.0, FADE)
                 self._silent = False
-            return wave, x0[0]
+            return wave, x0[0], ctx
         self.gen.skip()
         self._failed += 1
         if self._failed >= self.cfg.max_failed_chunks:
@@ -390,7 +476,7 @@ class Engine:
         self._silent = True
         wave = torch.zeros(CHANNELS, CHUNK_SAMPLES)
         wave[:, :FADE] = torch.from_numpy(self._tail)[:, None] * torch.linspace(1.0, 0.0, FADE)  # no click
-        return wave, None
+        return wave, None, None
 
     def _level(self, wave: torch.Tensor, gain: float) -> torch.Tensor:
         """Apply the gain, ramped from the last chunk's; a gain above 1 lifts a chunk at most to LIMIT, and what is
@@ -424,7 +510,8 @@ class Engine:
                             "grid": _rounded(x0.float().cpu(), 3)})
 
     def _play(self) -> None:
-        self.ring.wait_until(lambda level: level >= self.cfg.prebuffer * CHUNK_SAMPLES, self._stop)
+        if self.look is None:  # a timeline is played from the start: its clock places the chunks
+            self.ring.wait_until(lambda level: level >= self.cfg.prebuffer * CHUNK_SAMPLES, self._stop)
         if not self._stop.is_set():
             self.sink.run(self.ring, self._stop)
 

@@ -10,6 +10,9 @@
 - A chunk can be drafted, checked and only then committed (`draft`, `latents`, `commit`): a draft that
   went wrong (NaN, inf) is dropped and drawn again with the noise that follows, and never reaches the
   cache; `skip` moves the noise on for a chunk that was given up.
+- Lookahead (realtime/lookahead.py): the model's own chunks are committed as context (its guesses of what the
+  performer plays next), then `rewind` takes them back when the real chunk arrives, and `add_noised_context`
+  puts the guesses still ahead back exactly as they were.
 """
 from __future__ import annotations
 
@@ -89,11 +92,12 @@ class LiveGenerator(StreamGenerator):
         return denormalise(x0.float(), self.stats).cpu()
 
     @torch.inference_mode()
-    def commit(self, x0: torch.Tensor, as_context: bool = True) -> None:
-        """Keep a draft: it becomes context (unless as_context=False) and the noise moves on to the next chunk."""
-        if as_context:
-            self.add_context(x0)
+    def commit(self, x0: torch.Tensor, as_context: bool = True) -> torch.Tensor | None:
+        """Keep a draft: it becomes context (unless as_context=False) and the noise moves on to the next chunk.
+        Returns the draft as it went into the context (re-noised), for add_noised_context after a rewind."""
+        ctx = self.add_context(x0) if as_context else None
         self.skip()
+        return ctx
 
     def skip(self) -> None:
         """Move on one chunk without keeping one (recovery gave this chunk up)."""

@@ -1,7 +1,9 @@
 """The onnxruntime backend: the graphs `export --format onnx` writes, run with the same solvers, controls and noise.
 
 `OrtModel` holds the three sessions and one stream's cache (numpy arrays, the layout of export.py) and stands in
-for the generator's KVCache (it answers `n`, `window`, `set_active` and `reset` the same way). The generators
+for the generator's KVCache (it answers `n`, `window`, `set_active`, `reset` and `rewind` the same way; each
+append returns new arrays, so rewinding is handing back the ones from before, kept for `keep_history`
+appends). The generators
 below swap only what touches the model: the velocity (with classifier-free guidance as the unconditional
 branch, context 0), appending a finished chunk, and the modulations kept per time value. Prefill appends the
 prompt's chunks one by one. onnxruntime runs on the CPU (its CPUExecutionProvider) with torch's thread count.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +75,7 @@ class OrtModel:
                             f"export it again with `codicodec-flow export --format onnx`") from None
         self.window = self.cfg.context_chunks
         self.active: int | None = None
+        self._history: deque = deque(maxlen=0)  # (keys, keys_rot, values) from before each of the last appends
         self.reset()
 
     def reset(self) -> None:
@@ -79,6 +83,25 @@ class OrtModel:
         shape = cache_shape(self.cfg)
         self.keys, self.keys_rot, self.values = (np.zeros(shape, np.float32) for _ in range(3))
         self.n = 0
+        self._history.clear()
+
+    @property
+    def spare(self) -> int:
+        """How many appends `rewind` can take back at most (KVCache.spare's meaning)."""
+        return self._history.maxlen
+
+    def keep_history(self, chunks: int) -> None:
+        """Keep the arrays from before the last `chunks` appends (references, not copies), so they can be rewound."""
+        if chunks != self._history.maxlen:
+            self._history = deque(self._history, maxlen=chunks)
+
+    def rewind(self, r: int) -> None:
+        """Take back the last r appends (at most the history kept): as if they had never been made."""
+        if not 0 <= r <= len(self._history):
+            raise ValueError(f"can rewind 0..{len(self._history)} chunks here, not {r}")
+        for _ in range(r):
+            self.keys, self.keys_rot, self.values = self._history.pop()
+        self.n -= r
 
     def set_active(self, chunks: int | None) -> None:
         """Attend to only the last `chunks` chunks (1..W); None restores W (as KVCache.set_active)."""
@@ -104,7 +127,10 @@ class OrtModel:
         """Run a finished chunk x (1, 8, 64) into the cache as the newest context."""
         feeds = {"x": np.asarray(x, np.float32), "mods": mods, "keys": self.keys, "keys_rot": self.keys_rot,
                  "values": self.values, **self._counts()}
+        before = (self.keys, self.keys_rot, self.values)
         self.keys, self.keys_rot, self.values = self.sessions["append"].run(None, feeds)
+        if self._history.maxlen:
+            self._history.append(before)
         self.n += 1
 
 
@@ -149,6 +175,10 @@ class OrtBackend:
     def _append_many(self, ctx: torch.Tensor) -> None:
         for k in range(ctx.shape[1]):  # (B, n, 8, 64): prefill is one append per chunk
             self._append(ctx[:, k])
+
+    def reserve_rewind(self, chunks: int) -> None:
+        """Keep the cache arrays of the last `chunks` appends, so they can be taken back (appends are not joined)."""
+        self.ort.keep_history(max(chunks, self.ort.spare))
 
 
 class OrtStreamGenerator(OrtBackend, StreamGenerator):

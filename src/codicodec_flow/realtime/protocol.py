@@ -10,6 +10,10 @@ Out: one JSON object per line, each with an "event":
                                                       control's type, range and start value (state.describe)
     {"event": "error", "message": "..."}              a malformed message; nothing was changed
     {"event": "chunk", "index", "compute_s", "rtf", "buffer_s", "underruns", "latency_s", "state": {...}}
+    {"event": "played", "index", "slot", "alignment_s"}  with an input: chunk `index` started sounding,
+                                                      alignment_s after the performer started input chunk `slot`
+    {"event": "late", "index", "slot", "late_s", "dropped", "lookahead", "suggested_lookahead"}  a lookahead
+                                                      chunk missed its slot (cut to the grid, or dropped)
     {"event": "seed", "index", "seed", "reason"}      auto-cycling changed the seed
     {"event": "recovered", "index", "outcome", "retries", "reasons"}  a chunk went wrong and was redrawn or silenced
     {"event": "waveform", ...} / {"event": "latents", ...}  opt-in display events ({"events": {...}})

@@ -44,7 +44,7 @@ class RealtimeConfig:
     sink: str = "sounddevice"
     out: str | None = None  # the file of --sink wav
     output_device: str | None = None
-    pace: str = "auto"  # auto: real time, except --sink null which runs as fast as it can
+    pace: str = "auto"  # auto: real time, except --sink null which runs as fast as it can (unless --lookahead)
     save: str | None = None
     control: str = "none"  # none | stdin | tcp:PORT | ws:PORT | osc:PORT
     keyboard: bool = True  # keys when stdin is a terminal and not the control channel
@@ -72,7 +72,7 @@ class RealtimeConfig:
     def paced(self) -> bool:
         if self.pace not in PACES:
             raise FlowError(f"unknown --pace {self.pace!r}: choose one of {', '.join(PACES)}")
-        return self.pace == "realtime" or (self.pace == "auto" and self.sink != "null")
+        return self.pace == "realtime" or (self.pace == "auto" and (self.sink != "null" or self.engine.lookahead > 0))
 
 
 @dataclass
@@ -103,6 +103,10 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
         raise FlowError("give --input-wav or --input-device, not both")
     if cfg.sink == "sounddevice" and cfg.pace == "fast":
         raise FlowError("--pace fast does not apply to --sink sounddevice (the sound card sets the pace)")
+    if cfg.engine.lookahead and not (cfg.input_wav or cfg.input_device is not None):
+        raise FlowError("--lookahead lines the band up with a performer: give --input-wav FILE or --input-device NAME")
+    if cfg.engine.lookahead and not cfg.paced:
+        raise FlowError("--lookahead plays on the performer's clock: leave --pace at auto or realtime, not fast")
     origins = _origins(cfg)
     if (cfg.osc_host is not None or cfg.osc_reply_port is not None) and not cfg.control.startswith("osc:"):
         raise FlowError("--osc-host and --osc-reply-port apply to --control osc:PORT only")
@@ -156,7 +160,8 @@ def run_realtime(cfg: RealtimeConfig, stdin: TextIO | None = None, stdout: TextI
               f"with {threads} thread{'s' * (threads > 1)}, "
               f"codec {codec.name}, sink {cfg.sink}"
               f"{' (real time)' if cfg.paced else ' (as fast as possible)'}"
-              f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen})' if source else ''}",
+              f"{f', input {cfg.input_wav or cfg.input_device} (--listen {cfg.engine.listen}' if source else ''}"
+              f"{f', --lookahead {cfg.engine.lookahead}' if cfg.engine.lookahead else ''}{')' if source else ''}",
               file=text, flush=True)
         if hasattr(control, "port"):
             host = getattr(control, "host", "127.0.0.1")

@@ -5,6 +5,11 @@ Clocked sinks take audio at the pace of a clock (the sound card's, or a timer fo
 paced in real time) and so can underrun; unclocked ones take it as fast as it comes, which is
 what headless benchmarks and tests want. The timer of a paced file or null sink may run `speed`
 times faster than real time: throttling and underruns behave the same, only sooner.
+
+A clocked sink tells the ring, with each block it takes, when that block's first sample sounds: a timer sink
+its deadline (an exact schedule, output latency 0), the sound card PortAudio's DAC time for the buffer
+(outputBufferDacTime, else the stream's reported output latency). Alignment with a performer is measured,
+and a lookahead engine schedules its chunks, on those figures.
 """
 from __future__ import annotations
 
@@ -95,6 +100,8 @@ class WavWriter:
 class TimedSink:
     """Base of the file and null sinks: take BLOCK samples per clock tick, or as fast as they come."""
 
+    output_latency = 0.0  # its clock is the schedule itself
+
     def __init__(self, paced: bool, speed: float = 1.0):
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
@@ -107,12 +114,14 @@ class TimedSink:
         """Consume until the ring is closed and drained (or stop is set)."""
         t0, n = time.perf_counter(), 0
         while not stop.is_set():
+            due = None
             if self.clocked:
                 # deadlines from the start, not sleeps per block: a late wake-up is caught up, never accumulated
-                wait = t0 + n * BLOCK / (SAMPLE_RATE * self.speed) - time.perf_counter()
+                due = t0 + n * BLOCK / (SAMPLE_RATE * self.speed)
+                wait = due - time.perf_counter()
                 if wait > 0 and stop.wait(wait):
                     break
-            block = ring.read(BLOCK, wait=not self.clocked)
+            block = ring.read(BLOCK, wait=not self.clocked, sounds_at=due)
             if block is None:
                 break
             self.write(block)
@@ -169,12 +178,14 @@ class SoundDeviceSink:
                                    f"({str(exc).strip()}); use --sink wav --out FILE or --sink null") from None
         self.device_name = str(info.get("name", device))
         self.device = device
+        self.output_latency: float | None = None  # seconds from a callback to its first sample at the DAC, as reported
 
     def run(self, ring: AudioRing, stop: threading.Event) -> None:
         sd, done = self._sd, threading.Event()
 
-        def callback(outdata, frames, _time, _status):  # PortAudio's thread: no allocation-heavy work here
-            block = ring.read(frames, wait=False)
+        def callback(outdata, frames, time_info, _status):  # PortAudio's thread: no allocation-heavy work here
+            self.output_latency = _playback_latency(time_info, stream)
+            block = ring.read(frames, wait=False, sounds_at=time.perf_counter() + self.output_latency)
             if block is None:
                 outdata.fill(0)
                 raise sd.CallbackStop
@@ -196,6 +207,16 @@ class SoundDeviceSink:
 
     def close(self) -> None:
         """Nothing to release: the stream closes when run returns."""
+
+
+def _playback_latency(time_info, stream) -> float:
+    """Seconds from this callback to its buffer's first sample at the DAC: PortAudio's timestamps where the host
+    reports them (outputBufferDacTime - currentTime), else the stream's reported output latency."""
+    dac, now = getattr(time_info, "outputBufferDacTime", 0.0), getattr(time_info, "currentTime", 0.0)
+    if dac > 0 and 0.0 <= dac - now < 1.0:
+        return float(dac - now)
+    latency = getattr(stream, "latency", 0.0)
+    return float(latency) if isinstance(latency, (int, float)) else 0.0
 
 
 def open_sink(kind: str, out: str | Path | None = None, paced: bool = True, device: str | int | None = None,
