@@ -209,7 +209,7 @@ class Monitor:
 
     def __init__(self, port: int):
         from websockets.sync.client import connect
-        self.ws = connect(f"ws://127.0.0.1:{port}/ws", max_size=None)
+        self.ws = connect(f"ws://127.0.0.1:{port}/ws", max_size=None).__enter__()  # closed in close()
         self.chunks = {"t": [], "index": [], "compute_s": [], "buffer_s": [], "underruns": []}
         self.seeds, self.recovered, self.errors, self.end, self.ready = 0, [], [], None, None
         self._states: list[dict] = []
