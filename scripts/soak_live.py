@@ -43,6 +43,7 @@ import numpy as np
 
 CHUNK_S = 32768 / 48000  # one chunk of audio
 PRESETS_DIR = "presets"
+VIRTUAL_PORT = "codicodec-flow"  # the port `realtime --midi virtual` opens (realtime.midi.VIRTUAL_NAME)
 
 
 @dataclass
@@ -693,9 +694,6 @@ class Rig:
         if self.monitor is not None:
             self.monitor.close()
         return returncode
-
-
-VIRTUAL_PORT = "codicodec-flow"  # realtime.midi.VIRTUAL_NAME
 
 
 def main(argv=None) -> int:
