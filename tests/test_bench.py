@@ -93,3 +93,35 @@ def test_bench_times_int8_beside_fp32(tmp_path, capsys):
     assert rows[1]["vs_fp32"] == pytest.approx(rows[0]["cached_s"] / rows[1]["cached_s"])
     assert "int8" in capsys.readouterr().out  # the table has a precision column
     assert main(["bench", "--sizes", "tiny", "--precisions", "int4"]) == 2
+
+
+def test_training_figure_times_the_step_train_runs(monkeypatch):
+    """bench's training figure is train.optimiser_step (train's AdamW settings, gradient clipping, EMA), with
+    --train-noisy-chunks as train --noisy-chunks; --train-only measures nothing else."""
+    from codicodec_flow import train
+    from codicodec_flow.evaluation import bench
+    assert bench.optimiser_step is train.optimiser_step
+    seen = []
+
+    def spy(tr, crops):
+        seen.append((tr.step, tr.run.train.grad_clip, tr.run.train.noisy_chunks, tuple(crops[0].x.shape)))
+        return train.optimiser_step(tr, crops)
+
+    monkeypatch.setattr(bench, "optimiser_step", spy)
+    cfg = BenchConfig(device="cpu", sizes=("tiny",), train_steps=2, train_batch=2, train_crop=32, train_noisy_chunks=2,
+                      train_only=True)
+    r = run_bench(cfg, say=lambda *_: None)
+    assert seen == [(step, 1.0, 2, (2, 32, 64)) for step in range(3)]  # a warm-up step, then the 2 timed
+    row = r["training"][0]
+    assert row["noisy_chunks"] == 2 and row["attention"] == "blocks" and row["tokens_per_s"] > 0
+    assert r["generation"] == [] and "bandwidth_gb_s" not in r and "realtime" not in r
+
+
+def test_bench_cli_training_only(capsys):
+    assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--train-only", "--train-steps", "1", "--train-batch",
+                 "2", "--train-crop", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "train's optimiser step" in out and "4 of 4" in out and "seconds per chunk" not in out
+    assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--train-only", "--train-crop", "32",
+                 "--train-noisy-chunks", "5"]) == 2
+    assert "--train-noisy-chunks 5: give 1 to 4" in capsys.readouterr().err

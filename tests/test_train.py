@@ -347,3 +347,15 @@ def test_cli_train_init_from_end_to_end(ar_data, tmp_path, capsys):
         assert train(out, *extra) == 2
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, err
+
+
+def test_noisy_chunks_trains_and_refuses_bad_values(ar_data, tmp_path, capsys):
+    """--noisy-chunks K trains K of each crop's chunks; K outside 0..n, or K < n beside --distill-from, is refused."""
+    metrics = run_train(tiny_run(ar_data, tmp_path / "run", noisy_chunks=3, max_steps=2, val_every=2))
+    assert metrics["step"] == 2 and metrics["loss"] > 0 and metrics["val_loss"] > 0  # validation keeps every chunk
+    for bad in (9, -1):
+        with pytest.raises(FlowError, match=f"--noisy-chunks {bad}: give 1 to 8"):
+            run_train(tiny_run(ar_data, tmp_path / f"bad{bad}", noisy_chunks=bad))
+    assert main(["train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "d"), "--device", "cpu", "--no-tui",
+                 "--crop-tokens", "64", "--noisy-chunks", "2", "--distill-from", str(tmp_path / "run" / "ema.pt")]) == 2
+    assert "--noisy-chunks with --distill-from" in capsys.readouterr().err

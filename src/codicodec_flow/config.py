@@ -90,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0  # background processes reading crops; 0 reads them in the training process
+    noisy_chunks: int = 0  # noisy chunks trained per crop, drawn at random per micro-batch; 0: all (flow.make_batch)
     rollout_p: float = 0.0  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
     rollout_nfe: int = 4

@@ -6,8 +6,10 @@ Time is per token (B, L); within a chunk all 8 tokens share one time.
 
 Training runs two streams of the same crop in one forward pass: a clean stream (each chunk
 lightly noised to its context-noise level s) and a noisy stream (each chunk at its own t). Under
-`stream_mask`, noisy chunk i sees exactly what generation gives it: the clean chunks i-W..i-1 and
-itself. So every chunk of every crop is trained in the generation setting.
+the two-stream layout (streams.py), noisy chunk i sees exactly what generation gives it: the clean
+chunks i-W..i-1 and itself. So every chunk of every crop is trained in the generation setting.
+`noisy_chunks` keeps only some chunks in the noisy stream: the clean stream is whole, so each kept
+chunk still sees its full context, and the step costs less (train --noisy-chunks).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FlowConfig
-from .model import FlowDiT, stream_mask
+from .model import FlowDiT
+from .streams import TwoStreams
 
 
 def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -44,58 +47,85 @@ def per_token(t_chunks: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
 
 @dataclass
 class FlowBatch:
-    """Everything one two-stream forward needs; built on the CPU so noise is device-independent."""
-    inputs: torch.Tensor  # (B, 2L, D): clean stream then noisy stream
-    times: torch.Tensor  # (B, 2L)
-    target: torch.Tensor  # (B, L, D) velocity for the noisy stream
-    t: torch.Tensor  # (B, n) the noisy chunks' times
-    mask: torch.Tensor  # (B, 1, 2L, 2L)
-    pos: torch.Tensor  # (2L,) CPU positions
-    valid: torch.Tensor  # (B, n) chunks that hold data (not padding)
+    """Everything one two-stream forward needs; built on the CPU so noise is device-independent.
+
+    The noisy stream holds K chunks of the crop's n: all of them (K = n) unless make_batch's noisy_chunks says fewer.
+    """
+    inputs: torch.Tensor  # (B, L + K * 8, D): clean stream then noisy stream
+    times: torch.Tensor  # (B, L + K * 8)
+    target: torch.Tensor  # (B, K * 8, D) velocity for the noisy stream
+    t: torch.Tensor  # (B, K) the noisy chunks' times
+    streams: TwoStreams  # the layout: who sees whom (valid, unconditional and kept chunks)
+    pos: torch.Tensor  # (L + K * 8,) CPU positions
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, n) chunks of the crop that hold data (not padding)."""
+        return self.streams.valid
+
+    @property
+    def target_valid(self) -> torch.Tensor:
+        """(B, K) whether each noisy-stream chunk holds data."""
+        return self.valid if self.streams.kept is None else self.valid[:, self.streams.kept.to(self.valid.device)]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The dense (B, 1, L + K * 8, L + K * 8) attention mask of the layout: what the model's fast path equals."""
+        return self.streams.mask()
 
     def to(self, device) -> "FlowBatch":
         move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-        return FlowBatch(move(self.inputs), move(self.times), move(self.target), move(self.t), move(self.mask),
-                         self.pos, move(self.valid))
+        return FlowBatch(move(self.inputs), move(self.times), move(self.target), move(self.t), self.streams.to(device),
+                         self.pos)
 
 
 def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.Tensor, uncond: torch.Tensor,
                window: int, chunk_tokens: int, generator: torch.Generator | None = None,
-               context: torch.Tensor | None = None) -> FlowBatch:
+               context: torch.Tensor | None = None, noisy_chunks: int | None = None) -> FlowBatch:
     """Two-stream inputs for clean crops x (B, L, D) with per-chunk noisy times t, context noise s, uncond flags.
 
     `context` (B, L, D), if given, fills the clean stream instead of x (rollout.py: the model's own chunks as
     the past); the noisy stream and its targets stay the real x.
+    `noisy_chunks` K < n: the noisy stream keeps K chunks drawn at random (the same for every crop of the batch),
+    drawn after the noise, so the kept chunks get exactly the inputs and targets of the full batch.
     """
     B, L, _ = x.shape
     n = L // chunk_tokens
     eps = torch.randn(x.shape, generator=generator)
     eps_ctx = torch.randn(x.shape, generator=generator)
-    t_tok, s_tok = per_token(t, chunk_tokens), per_token(s, chunk_tokens)  # (B, L) each
-    clean = interpolate(x if context is None else context, eps_ctx, s_tok)
+    s_tok = per_token(s, chunk_tokens)  # (B, L)
+    clean = interpolate(x if context is None else context, eps_ctx, s_tok)  # (B, L, D)
+    kept = None
+    if noisy_chunks is not None and noisy_chunks < n:
+        kept = torch.randperm(n, generator=generator)[:noisy_chunks].sort().values  # (K,)
+        x, eps = (a.reshape(B, n, chunk_tokens, -1)[:, kept].flatten(1, 2) for a in (x, eps))  # (B, K * 8, D)
+        t, uncond = t[:, kept], uncond[:, kept]  # (B, K)
+    t_tok = per_token(t, chunk_tokens)  # (B, K * 8)
     noisy = interpolate(x, eps, t_tok)
+    streams = TwoStreams(n, window, chunk_tokens, valid, uncond, kept)
     return FlowBatch(inputs=torch.cat([clean, noisy], dim=1), times=torch.cat([s_tok, t_tok], dim=1),
-                     target=target_velocity(x, eps), t=t, mask=stream_mask(n, window, chunk_tokens, uncond, valid),
-                     pos=torch.arange(L).repeat(2), valid=valid)
+                     target=target_velocity(x, eps), t=t, streams=streams, pos=streams.positions())
 
 
 def training_batch(x: torch.Tensor, valid: torch.Tensor, cfg: FlowConfig, window: int, chunk_tokens: int,
-                   generator: torch.Generator | None = None, context: torch.Tensor | None = None) -> FlowBatch:
-    """Random times, context noise and unconditional chunks for one training batch (context: see make_batch)."""
+                   generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                   noisy_chunks: int | None = None) -> FlowBatch:
+    """Random times, context noise and unconditional chunks for one training batch (context, noisy_chunks: see
+    make_batch)."""
     B, n = valid.shape
     t = sample_times((B, n), cfg, generator)
     s = cfg.context_noise_max * torch.rand((B, n), generator=generator)
     uncond = torch.rand((B, n), generator=generator) < cfg.p_uncond
-    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context)
+    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context, noisy_chunks)
 
 
 def flow_loss(model: FlowDiT, batch: FlowBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared velocity error over valid noisy tokens, and the per-chunk errors (B, n)."""
-    L = batch.target.shape[1]
-    pred = model(batch.inputs, batch.times, batch.pos, batch.mask)[:, L:]  # (B, L, D) noisy stream only
-    err = (pred.float() - batch.target.float()).pow(2).mean(-1)  # (B, L)
-    per_chunk = err.view(err.shape[0], batch.valid.shape[1], -1).mean(-1)  # (B, n)
-    w = batch.valid.float()
+    """Mean squared velocity error over valid noisy tokens, and the per-chunk errors (B, K) of the noisy stream."""
+    Lk = batch.target.shape[1]
+    pred = model(batch.inputs, batch.times, batch.pos, batch.streams)[:, -Lk:]  # (B, K * 8, D) noisy stream only
+    err = (pred.float() - batch.target.float()).pow(2).mean(-1)  # (B, K * 8)
+    per_chunk = err.view(err.shape[0], batch.t.shape[1], -1).mean(-1)  # (B, K)
+    w = batch.target_valid.float()
     return (per_chunk * w).sum() / w.sum().clamp_min(1), per_chunk.detach()
 
 

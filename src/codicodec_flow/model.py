@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .config import ModelConfig
 from .rope import apply_rope, rope_table
+from .streams import AttentionPlan, FlexPlan, TwoStreams
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,12 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         return self.q_norm(q), self.k_norm(k), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q (B, H, Lq, hd) over k, v (B, H, Lk, hd) where mask (B, 1, Lq, Lk) is True -> (B, Lq, D)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | AttentionPlan | FlexPlan) -> torch.Tensor:
+        """q (B, H, Lq, hd) over k, v (B, H, Lk, hd) where mask (B, 1, Lq, Lk) is True, or as a two-stream
+        plan lets them (streams.py) -> (B, Lq, D)."""
+        if isinstance(mask, (AttentionPlan, FlexPlan)):
+            return self.out(mask.attend(q, k, v).flatten(2))  # (B, Lq, H, hd) -> (B, Lq, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, hd)
         return self.out(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
 
@@ -96,12 +101,16 @@ class Block(nn.Module):
         return self.w3(F.silu(a) * b)
 
     def forward(self, x, mod, rope, attend) -> torch.Tensor:
-        """x (B, L, D), mod = ada(time embedding) (B|1, L|1, 6D); `attend(q, k, v)` may reach beyond this call (the cache)."""
-        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)  # 6 x (B, L, D)
-        q, k, v = self.attn.project(modulate(self.norm1(x), sh1, sc1))
+        """x (B, L, D); mod = ada(time embedding), per token (B|1, L|1, 6D) or per chunk (B, G, 1, 6D) for G chunks
+        of L / G tokens each; `attend(q, k, v)` may reach beyond this call (the cache)."""
+        shape = x.shape
+        if mod.dim() == 4:  # a chunk's tokens share its modulation: broadcast it instead of copying it 8 times
+            x = x.view(shape[0], mod.shape[1], -1, shape[-1])  # (B, G, T, D)
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)  # 6 x (B, L, D) or (B, G, 1, D)
+        q, k, v = self.attn.project(modulate(self.norm1(x), sh1, sc1).view(shape))
         cos, sin = rope
-        x = torch.addcmul(x, g1, attend(apply_rope(q, cos, sin), k, v))  # x + g1 * attention
-        return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))  # x + g2 * mlp
+        x = torch.addcmul(x, g1, attend(apply_rope(q, cos, sin), k, v).view_as(x))  # x + g1 * attention
+        return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2))).view(shape)  # x + g2 * mlp
 
 
 class FlowDiT(nn.Module):
@@ -145,14 +154,30 @@ class FlowDiT(nn.Module):
         return tuple(block.ada(c) for block in self.blocks) + (self.ada_out(c),)
 
     def _head(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """h (B, L, D) and the head's modulation, per token (B|1, L|1, 2D) or per chunk (B, G, 1, 2D) -> (B, L, 64)."""
+        B, L, D = h.shape
+        if mod.dim() == 4:
+            h = h.view(B, mod.shape[1], -1, D)  # (B, G, T, D)
         shift, scale = mod.chunk(2, dim=-1)
-        return self.proj_out(modulate(self.norm_out(h), shift, scale))  # (B, L, latent_dim)
+        return self.proj_out(modulate(self.norm_out(h), shift, scale)).view(B, L, -1)  # (B, L, latent_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), mask (B|1, 1, L, L)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor | TwoStreams) -> torch.Tensor:
+        """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), under `mask`:
+
+        a dense boolean (B|1, 1, L, L), True where a query sees a key; or the TwoStreams layout of a training
+        batch (streams.py), whose attention then skips the blocks its mask would hide, and whose times are read
+        once per chunk (flow.py gives all tokens of a chunk one time) so that adaLN runs per chunk, not per token.
+        """
         h = self.proj_in(x)  # (B, L, D)
-        mods = self.conditioning(t)
         rope = rope_table(pos, self.head_dim, self.cfg.rope_base, x.device)
+        if isinstance(mask, TwoStreams):
+            B, L, _ = x.shape
+            chunk_t = t.view(B, L // self.cfg.chunk_tokens, -1)[:, :, 0]  # (B, G): one time per chunk
+            mods = [m.unsqueeze(2) for m in self.conditioning(chunk_t)]  # (B, G, 1, .) each
+            mask = mask.plan(x.device)
+        else:
+            mods = self.conditioning(t)  # (B, L, .) each
         for block, mod in zip(self.blocks, mods):
             h = block(h, mod, rope, lambda q, k, v, blk=block: blk.attn.attend(q, apply_rope(k, *rope), v, mask))
         return self._head(h, mods[-1])
@@ -267,25 +292,7 @@ def stream_mask(n_chunks: int, window: int, chunk_tokens: int = 8, uncond: torch
     uncond[b, i]) and itself; clean never sees noisy. Cross-chunk links to chunks that are not
     valid[b, j] (padding) are cut; every token still sees its own chunk, so no row is empty.
     """
-    L = n_chunks * chunk_tokens
-    ci = torch.arange(L, device=device) // chunk_tokens  # (L,) chunk of each token
-    lag = ci[:, None] - ci[None, :]  # (L, L) query chunk - key chunk
-    same = lag == 0
-    clean = (lag >= 0) & (lag <= window)  # (L, L)
-    past = (lag >= 1) & (lag <= window)
-    B = 1 if uncond is None and valid is None else (uncond if uncond is not None else valid).shape[0]
-    past = past.expand(B, L, L)
-    clean = clean.expand(B, L, L)
-    if valid is not None:
-        key_ok = valid.to(device)[:, ci][:, None, :]  # (B, 1, L)
-        clean = (clean & key_ok) | same
-        past = past & key_ok
-    if uncond is not None:
-        past = past & ~uncond.to(device)[:, ci][:, :, None]  # (B, L, 1) rows of unconditional chunks
-    none = torch.zeros(B, L, L, dtype=torch.bool, device=device)
-    top = torch.cat([clean, none], dim=2)  # (B, L, 2L) clean queries
-    bottom = torch.cat([past, same.expand(B, L, L)], dim=2)  # (B, L, 2L) noisy queries
-    return torch.cat([top, bottom], dim=1)[:, None]  # (B, 1, 2L, 2L)
+    return TwoStreams(n_chunks, window, chunk_tokens, valid, uncond).mask(device if device is not None else "cpu")
 
 
 def clean_mask(n_chunks: int, window: int, chunk_tokens: int = 8, device=None) -> torch.Tensor:

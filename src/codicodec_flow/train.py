@@ -212,6 +212,7 @@ def setup(run: Run) -> Trainer:
         raise FlowError("--batch-size and --grad-accum must be at least 1")
     rollout_config(cfg)  # a bad rollout or distillation setting fails here, not at the first step
     distill_config(cfg)
+    noisy_chunks_check(cfg, mcfg)
     if cfg.num_workers < 0:
         raise FlowError(f"--num-workers must be 0 (crops read in the training process) or more, got {cfg.num_workers}")
     rank, world, device = _dist_setup(cfg.device)
@@ -254,7 +255,8 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     for micro, mb in enumerate(crops):
         g = mb.generator()
         context = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
-        batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context).to(tr.device)
+        batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context,
+                               cfg.noisy_chunks or None).to(tr.device)
         if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
             with autocast(tr.device, tr.amp):
                 batch = distill_batch(tr.teacher, batch, distill_config(cfg))
@@ -274,6 +276,17 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     ema_update(tr.ema, tr.model, ema_decay_at(tr.step, cfg.ema_decay))
     tr.step += 1
     return loss_sum, grad_norm
+
+
+def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy-chunks") -> None:
+    """--noisy-chunks: 0 (all) or 1 up to the crop's chunks; not with distillation, whose teacher samples them all."""
+    n = cfg.crop_tokens // mcfg.chunk_tokens
+    if not 0 <= cfg.noisy_chunks <= n:
+        raise FlowError(f"{flag} {cfg.noisy_chunks}: give 1 to {n} (the chunks of a {cfg.crop_tokens}-token "
+                        f"crop), or 0 to train them all")
+    if cfg.noisy_chunks and cfg.noisy_chunks < n and cfg.distill_from is not None:
+        raise FlowError("--noisy-chunks with --distill-from is not supported: the teacher samples every chunk of the "
+                        "noisy stream; leave --noisy-chunks out")
 
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:

@@ -34,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps (0 skips)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 on GPUs, 1 on CPU)")
     p.add_argument("--train-crop", type=int, default=None, help="training crop tokens (default 768 on GPUs, 128 on CPU)")
+    p.add_argument("--train-noisy-chunks", type=int, default=d.train_noisy_chunks, metavar="K",
+                   help="noisy chunks trained per crop in the training figure, as train --noisy-chunks (default 0: all)")
+    p.add_argument("--train-only", action="store_true",
+                   help="only the training figure (no generation, long stream or realtime engine)")
     p.add_argument("--realtime-chunks", type=int, default=d.realtime_chunks,
                    help="chunks for the realtime engine's sustained real-time factor (0 skips)")
     add_threads(p, "realtime engine figures, as realtime --threads")
@@ -57,7 +61,8 @@ def run(a: argparse.Namespace) -> int:
         cfg = BenchConfig(a.device, tuple(a.sizes.split(",")), tuple(a.solvers.split(",")),
                           tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
                           a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks,
-                          a.threads, a.competing_load, tuple(a.backends.split(",")), tuple(a.precisions.split(",")))
+                          a.threads, a.competing_load, tuple(a.backends.split(",")), tuple(a.precisions.split(",")),
+                          a.train_noisy_chunks, a.train_only)
     except ValueError:
         raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
     if cfg.competing_load < 0 or (cfg.threads is not None and cfg.threads < 1):
@@ -77,8 +82,9 @@ def run(a: argparse.Namespace) -> int:
 
 def print_report(report: dict, json_path: str | None = None) -> None:
     console = Console(width=None if sys.stdout.isatty() else 150)
-    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')} | "
-                  f"matrix-vector bandwidth {report['bandwidth_gb_s']:.1f} GB/s")
+    bandwidth = f" | matrix-vector bandwidth {report['bandwidth_gb_s']:.1f} GB/s" if "bandwidth_gb_s" in report else ""
+    console.print(f"[bold]machine[/]: {report['machine']} | {report['dtype']} | codec {report.get('codec', 'none')}"
+                  + bandwidth)
     t = Table(title="generation: seconds per chunk (one chunk = 0.683 s of audio)")
     backends = any(r.get("backend", "torch") != "torch" for r in report["generation"])
     precisions = any(r.get("precision", "fp32") != "fp32" for r in report["generation"])
@@ -94,7 +100,8 @@ def print_report(report: dict, json_path: str | None = None) -> None:
                   f"{r['cached_rtf']:.1f}x", f"{r['over_floor']:.1f}" if "over_floor" in r else "—", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
                   ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",
                   ms(r["first_chunk_latency_s"]))
-    console.print(t)
+    if report["generation"]:  # bench --train-only has none
+        console.print(t)
     ratios = [r["vs_torch"] for r in report["generation"] if "vs_torch" in r]
     if ratios:
         faster = sum(x > 1 for x in ratios)
@@ -106,12 +113,13 @@ def print_report(report: dict, json_path: str | None = None) -> None:
                       f"ms, last 10 {1000 * ls['late_s']:.1f} ms (x{ls['late_over_early']:.2f}); memory "
                       f"{ls['memory_mb_early']:.0f} MB -> {ls['memory_mb_late']:.0f} MB")
     if report["training"]:
-        t = Table(title="training")
-        for col in ("model", "batch x crop", "dtype", "s/step", "tokens/s", "peak MB"):
+        t = Table(title="training: train's optimiser step (tokens/s: crop tokens)")
+        for col in ("model", "batch x crop", "noisy chunks", "dtype", "attention", "s/step", "tokens/s", "peak MB"):
             t.add_column(col, justify="right")
         for r in report["training"]:
-            t.add_row(r["size"], f"{r['batch']} x {r['crop_tokens']}", r["dtype"], f"{r['step_s']:.2f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:.0f}")
+            t.add_row(r["size"], f"{r['batch']} x {r['crop_tokens']}", f"{r['noisy_chunks']} of {r['crop_tokens'] // 8}",
+                      r["dtype"], r["attention"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      f"{r['peak_memory_mb']:.0f}")
         console.print(t)
     if "realtime" in report:
         console.print(f"realtime engine: {json.dumps(report['realtime'])}")

@@ -27,6 +27,8 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--seed", "seed", int, "seed for weights, crops and noise"),
     ("--num-workers", "num_workers", int, "background processes that read the crops ahead (0: the training process "
                                           "reads them); the crops are the same either way"),
+    ("--noisy-chunks", "noisy_chunks", int, "noisy chunks trained per crop, drawn at random: a cheaper step, each "
+                                            "still seeing its whole context (0: all)"),
     ("--rollout-p", "rollout_p", finite_float, "share of steps whose context is the model's own cached continuation "
                                                "of the crop's real opening, against drift (post-training; 0: off)"),
     ("--rollout-solver", "rollout_solver", str, "solver of those rollouts"),

@@ -6,6 +6,7 @@ have random weights: speed does not depend on what a model has learnt.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import platform
@@ -20,8 +21,8 @@ import torch
 
 from ..checkpoint import Bundle
 from ..codec import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK, Codec, load_codec, local_codec
-from ..config import LIVE_SAMPLING, MODEL_PRESETS, FlowConfig, SampleConfig
-from ..flow import flow_loss, training_batch
+from ..config import LIVE_SAMPLING, MODEL_PRESETS, FlowConfig, SampleConfig, TrainConfig
+from ..data.loader import MicroBatch
 from ..generate import StreamGenerator, WindowRerunGenerator
 from ..latents import LatentStats
 from ..model import FlowDiT
@@ -31,7 +32,9 @@ from ..realtime.ort_backend import OrtStreamGenerator, load_onnx
 from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
-from ..util.devices import autocast, autocast_dtype, live_threads, resolve_device, torch_threads
+from ..streams import KERNEL_AUTO
+from ..train import Run, Trainer, lr_factor, make_optimizer, noisy_chunks_check, optimiser_step
+from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class BenchConfig:
     competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
     backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's
     precisions: tuple[str, ...] = ("fp32",)  # torch generation figures per weight precision (int8: quantize.py)
+    train_noisy_chunks: int = 0  # noisy chunks per crop in the training figure, as train --noisy-chunks (0: all)
+    train_only: bool = False  # only the training figure: no generation, long stream or realtime engine
 
 
 def sync(device: torch.device) -> None:
@@ -233,34 +238,51 @@ def bench_long_stream(size: str, cfg: BenchConfig, device, amp, say) -> dict:
 
 
 def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
+    """Seconds per step of the step `train` runs (train.optimiser_step: the two-stream loss, AdamW with train's
+    defaults, gradient clipping, the EMA update), on random crops; the first step warms up and is not counted."""
     gpu = device.type != "cpu"
     batch = cfg.train_batch or (8 if gpu else 1)
     crop = cfg.train_crop or (768 if gpu else 128)
-    model = FlowDiT(MODEL_PRESETS[size]).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
     n = crop // TOKENS_PER_CHUNK
+    tcfg = TrainConfig(data_dir="", out_dir="", device=str(device), batch_size=batch, crop_tokens=crop,
+                       noisy_chunks=cfg.train_noisy_chunks, max_steps=cfg.train_steps + 1)
+    run = Run(tcfg, MODEL_PRESETS[size], FlowConfig(), None)
+    noisy_chunks_check(tcfg, run.model, "--train-noisy-chunks")
+    tr = bench_trainer(run, device, amp)
+    g = torch.Generator().manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for step in range(cfg.train_steps + 1):  # the first step warms up and is not counted
-        x, valid = torch.randn(batch, crop, LATENT_DIM, generator=g), torch.ones(batch, n, dtype=torch.bool)
-        b = training_batch(x, valid, FlowConfig(), model.cfg.context_chunks, TOKENS_PER_CHUNK, g).to(device)
+    for step in range(cfg.train_steps + 1):
+        crops = [MicroBatch(torch.randn(batch, crop, LATENT_DIM, generator=g), torch.ones(batch, n, dtype=torch.bool),
+                            g.get_state())]
         sync(device)
         t0 = time.perf_counter()
-        with autocast(device, amp):
-            loss, _ = flow_loss(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimiser_step(tr, crops)
         sync(device)
         if step:
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else memory_mb(device))
     step_s = _median(times)
-    return {"size": size, "batch": batch, "crop_tokens": crop, "dtype": "bf16" if amp else "fp32", "step_s": step_s,
+    return {"size": size, "batch": batch, "crop_tokens": crop, "noisy_chunks": tcfg.noisy_chunks or n,
+            "dtype": "bf16" if amp else "fp32", "attention": attention_kernel(device), "step_s": step_s,
             "tokens_per_s": batch * crop / step_s, "peak_memory_mb": peak}
+
+
+def bench_trainer(run: Run, device, amp) -> Trainer:
+    """train's training state for `run` (model, EMA, AdamW, schedule) without data: optimiser_step reads none."""
+    torch.manual_seed(run.train.seed)
+    model = FlowDiT(run.model).to(device)
+    opt = make_optimizer(model, run.train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, run.train))
+    ema = copy.deepcopy(model).float().requires_grad_(False)
+    return Trainer(run, 0, 1, device, amp, None, [], model, model, ema, opt, sched, 0)
+
+
+def attention_kernel(device) -> str:
+    """How the training step attends on this device (streams.py: KERNEL_AUTO)."""
+    return KERNEL_AUTO.get(torch.device(device).type, "blocks")
 
 
 def run_bench(cfg: BenchConfig, say=log.info) -> dict:
@@ -269,6 +291,9 @@ def run_bench(cfg: BenchConfig, say=log.info) -> dict:
     amp = autocast_dtype("auto", device)
     report = {"machine": machine(device), "config": asdict(cfg), "dtype": "bf16" if amp else "fp32",
               "generation": [], "training": []}
+    say(f"machine: {report['machine']}")
+    if cfg.train_only:
+        return _training_figures(cfg, device, amp, report, say)
     codec = None
     if cfg.codec != "none":
         name = cfg.codec
@@ -276,23 +301,27 @@ def run_bench(cfg: BenchConfig, say=log.info) -> dict:
             name = local_codec()[0]
         codec = load_codec(name, device)
         report["codec"] = f"{codec.name} {codec.version}"
-    say(f"machine: {report['machine']}")
     report["bandwidth_gb_s"] = bandwidth_gb_s(device)
     say(f"  memory bandwidth of a matrix-vector product: {report['bandwidth_gb_s']:.1f} GB/s")
     for size in cfg.sizes:
         report["generation"] += bench_generation(size, cfg, device, amp, codec, say, report["bandwidth_gb_s"])
     if cfg.long_chunks > 0:
         report["long_stream"] = bench_long_stream(cfg.sizes[0], cfg, device, amp, say)
-    for size in cfg.sizes:
-        if cfg.train_steps > 0:
-            report["training"].append(bench_training(size, cfg, device, amp))
-            say(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
+    _training_figures(cfg, device, amp, report, say)
     if cfg.realtime_chunks > 0 and codec is not None:
         threads = live_threads() if cfg.threads is None else cfg.threads
         report["realtime"] = _realtime(cfg, device, codec, threads)
         say(f"  realtime engine, {threads} thread(s): {report['realtime']['rtf']:.1f}x real time")
         if cfg.competing_load > 0:
             report["realtime_under_load"] = _realtime_under_load(cfg, device, codec, threads, say)
+    return report
+
+
+def _training_figures(cfg: BenchConfig, device, amp, report: dict, say) -> dict:
+    for size in cfg.sizes:
+        if cfg.train_steps > 0:
+            report["training"].append(bench_training(size, cfg, device, amp))
+            say(f"  training {size}: {report['training'][-1]['tokens_per_s']:,.0f} tokens/s")
     return report
 
 
