@@ -35,10 +35,10 @@ def model():
 
 def _fresh(model, chunks: list[torch.Tensor], active: int | None = None):
     """The reference: a cache that was only ever given `chunks`, appended one by one."""
-    cache = model.new_cache(1)
+    cache, mods = model.new_cache(1), model.conditioning(S)
     cache.set_active(active)
     for c in chunks:
-        model.append_context(c, S, cache)
+        model.append_context(c, S, cache, mods=mods)
     return cache
 
 
@@ -56,10 +56,11 @@ def test_rewind_then_append_equals_appending_the_real_chunk_in_the_first_place(m
     cache.set_active(active)
     ahead = 0  # guesses at the end of the context
     with torch.no_grad():
+        mods = model.conditioning(S)
         for k in range(9):
             cache.rewind(ahead)
             context = [real[:, k]] + [guess[:, j] for j in range(k + 1, k + n)]  # real k, guesses k+1 .. k+n-1
-            got = model.forward_cached(x, t, cache, join=[Chunk(c, S, None, "context") for c in context])
+            got = model.forward_cached(x, t, cache, join=[Chunk(c, S, mods, "context") for c in context])
             ahead = n - 1
             assert cache.n == k + n
             if k % 3 != 2:
