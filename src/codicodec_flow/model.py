@@ -103,14 +103,17 @@ class Block(nn.Module):
     def forward(self, x, mod, rope, attend) -> torch.Tensor:
         """x (B, L, D); mod = ada(time embedding), per token (B|1, L|1, 6D) or per chunk (B, G, 1, 6D) for G chunks
         of L / G tokens each; `attend(q, k, v)` may reach beyond this call (the cache)."""
-        shape = x.shape
-        if mod.dim() == 4:  # a chunk's tokens share its modulation: broadcast it instead of copying it 8 times
+        shape, grouped = x.shape, mod.dim() == 4  # views only when grouped: the exported cached step has none
+        if grouped:  # a chunk's tokens share its modulation: broadcast it instead of copying it 8 times
             x = x.view(shape[0], mod.shape[1], -1, shape[-1])  # (B, G, T, D)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)  # 6 x (B, L, D) or (B, G, 1, D)
-        q, k, v = self.attn.project(modulate(self.norm1(x), sh1, sc1).view(shape))
+        a = modulate(self.norm1(x), sh1, sc1)
+        q, k, v = self.attn.project(a.view(shape) if grouped else a)
         cos, sin = rope
-        x = torch.addcmul(x, g1, attend(apply_rope(q, cos, sin), k, v).view_as(x))  # x + g1 * attention
-        return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2))).view(shape)  # x + g2 * mlp
+        y = attend(apply_rope(q, cos, sin), k, v)  # (B, L, D)
+        x = torch.addcmul(x, g1, y.view(x.shape) if grouped else y)  # x + g1 * attention
+        x = torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))  # x + g2 * mlp
+        return x.view(shape) if grouped else x
 
 
 class FlowDiT(nn.Module):
@@ -155,10 +158,11 @@ class FlowDiT(nn.Module):
 
     def _head(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """h (B, L, D) and the head's modulation, per token (B|1, L|1, 2D) or per chunk (B, G, 1, 2D) -> (B, L, 64)."""
-        B, L, D = h.shape
-        if mod.dim() == 4:
-            h = h.view(B, mod.shape[1], -1, D)  # (B, G, T, D)
         shift, scale = mod.chunk(2, dim=-1)
+        if mod.dim() == 3:
+            return self.proj_out(modulate(self.norm_out(h), shift, scale))  # (B, L, latent_dim)
+        B, L, D = h.shape
+        h = h.view(B, mod.shape[1], -1, D)  # (B, G, T, D)
         return self.proj_out(modulate(self.norm_out(h), shift, scale)).view(B, L, -1)  # (B, L, latent_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
