@@ -12,7 +12,7 @@ one Euler step from t = 1 already lands on z, so the student needs few evaluatio
 ordinary velocity model: any solver, any NFE, the same cache and checkpoint format.
 
 Teacher samples come from the two-stream batch itself, for every chunk of the crop in parallel:
-noisy chunk i sees exactly the clean chunks i-W..i-1 it sees at generation time (stream_mask), so
+noisy chunk i sees exactly the clean chunks i-W..i-1 it sees at generation time (streams.py), so
 integrating the noisy stream from its noise with the clean stream held fixed gives, for every
 chunk at once, the chunk the teacher would generate after that past. A test checks it equals the
 cached StreamGenerator chunk by chunk. With `cfg_scale` the teacher samples with classifier-free
@@ -57,18 +57,20 @@ def teacher_samples(teacher: FlowDiT, batch: FlowBatch, cfg: DistillConfig) -> t
     the clean past the batch shows it (its unconditional chunks: after no past)."""
     L = batch.target.shape[1]
     clean, clean_t = batch.inputs[:, :L], batch.times[:, :L]
-    mask = batch.mask
-    if cfg.cfg_scale != 1.0:
-        alone = mask.clone()
-        alone[:, :, L:, :L] = False  # noisy chunks see only themselves: the unconditional branch
-        mask = torch.cat([mask.expand(clean.shape[0], -1, -1, -1), alone.expand(clean.shape[0], -1, -1, -1)])
-        clean, clean_t = torch.cat([clean, clean]), torch.cat([clean_t, clean_t])
+    streams = batch.streams  # the training layout: the model's fast attention path, no dense mask
+    if cfg.cfg_scale != 1.0:  # both branches in one batch of 2B: the second half's noisy chunks see no past
+        B, K = batch.t.shape
+        cond = streams.uncond if streams.uncond is not None else torch.zeros(B, K, dtype=torch.bool)
+        both = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
+        streams = replace(streams, valid=both(streams.valid),
+                          uncond=torch.cat([cond.to(clean.device), torch.ones_like(cond, device=clean.device)]))
+        clean, clean_t = both(clean), both(clean_t)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if cfg.cfg_scale != 1.0:
             x, t = torch.cat([x, x]), torch.cat([t, t])
         v = teacher(torch.cat([clean, x], dim=1), torch.cat([clean_t, t.to(clean_t.dtype)], dim=1), batch.pos,
-                    mask)[:, L:].float()
+                    streams)[:, L:].float()
         if cfg.cfg_scale == 1.0:
             return v
         cond, uncond = v.chunk(2)
