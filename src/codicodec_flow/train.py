@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import LAST, TrainingCheckpoint, Weights, config_mismatch, load_training, load_weights, save_training
+from .checkpoint import (LAST, TrainingCheckpoint, Weights, config_mismatch, load_bundle, load_training,
+                         load_weights, save_training)
 from .codec import CHUNK_SECONDS, load_codec
 from .codec.audio import write_wav
 from .codec.prompt import decode_latents
@@ -309,21 +310,20 @@ def distill_config(cfg: TrainConfig) -> DistillConfig:
 def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: str, device) -> FlowDiT:
     """The frozen teacher of `train --distill-from`: its chunks, window and latent normalisation must be the
     student's, or its samples would answer another question than the one the student is trained on."""
-    w = load_weights(path)
-    _check_codec(data, w.codec, data_dir, path, "distil on latents of the teacher's codec")
+    teacher = load_bundle(path, device)  # eval mode, no gradients
+    _check_codec(data, {"name": teacher.codec, "version": teacher.codec_version}, data_dir, path,
+                 "distil on latents of the teacher's codec")
     same = ("latent_dim", "chunk_tokens", "context_chunks")
-    problems = config_mismatch(asdict(w.model_cfg), {k: getattr(student, k) for k in same})
+    problems = config_mismatch(asdict(teacher.model_cfg), {k: getattr(student, k) for k in same})
     if problems:
         raise CheckpointError(f"{path}: --distill-from needs a teacher with the student's chunks and window "
                               f"({'; '.join(problems)})")
-    if not (torch.allclose(w.stats.mean, data.stats.mean) and torch.allclose(w.stats.std, data.stats.std)):
+    if not (torch.allclose(teacher.stats.mean, data.stats.mean) and torch.allclose(teacher.stats.std, data.stats.std)):
         raise CheckpointError(f"{path}: the teacher was trained with another latent normalisation than this run's; "
                               f"start the student from the teacher's weights (leave out --init-from) or from a run "
                               f"on the same latents")
-    teacher = FlowDiT(w.model_cfg)
-    w.load_into(teacher)
-    log.info(f"distilling the EMA weights of {path} (step {w.step}), {w.model_cfg.n_layers} layers x {w.model_cfg.dim}")
-    return teacher.to(device).eval().requires_grad_(False)
+    log.info(f"distilling {path}: {teacher.model_cfg.n_layers} layers x {teacher.model_cfg.dim}")
+    return teacher.model
 
 
 def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
