@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, frechet_distance, frechet_report,
@@ -106,3 +107,29 @@ def test_drift_averages_several_streams_like_several_pieces():
     d = drift_report(streams, ref)
     assert d["streams"] == 16 and d["verdict"] == "stable", d["verdict"]
     assert "washed out" in drift_report(0.6 * streams, ref)["verdict"]
+
+
+def test_drift_holds_each_stream_to_its_own_piece():
+    """Streams continuing quiet pieces are as dynamic as those pieces: faithful against their own pieces, though
+    narrower than the collection's average stretch; a stream narrower than its own piece is still flagged."""
+    g = torch.Generator().manual_seed(2)
+    scales = [0.6, 0.6, 0.6, 1.4]  # three quiet pieces and a loud one
+    pieces = [s * torch.randn(300, 8, 64, generator=g) for s in scales]
+    quiet_streams = torch.stack([0.6 * torch.randn(500, 8, 64, generator=g) for _ in range(3)])  # continuing 0, 1, 2
+    by_collection = drift_report(quiet_streams, pieces)
+    assert by_collection["spread_reference"] == "the collection" and "washed out" in by_collection["verdict"]
+    own = drift_report(quiet_streams, pieces, stream_pieces=[0, 1, 2])
+    assert own["verdict"] == "stable" and 0.9 < own["spread_min"] <= own["spread_max"] < 1.1
+    assert own["spread_reference"] == "each stream's own piece"
+    assert "washed out" in drift_report(0.7 * quiet_streams, pieces, stream_pieces=[0, 1, 2])["verdict"]
+    with pytest.raises(ValueError, match="3 streams"):
+        drift_report(quiet_streams, pieces, stream_pieces=[0, 1])
+
+
+def test_real_segments_never_cross_from_one_piece_into_the_next():
+    """Two steady pieces far apart: a stretch across their border would look far wider than either piece."""
+    a, b = torch.randn(75, 8, 64), torch.randn(75, 8, 64) + 4.0
+    x = torch.randn(100, 8, 64)
+    apart = drift_report(x, [a, b], segment=50)["real_segment_std_ratio"]  # stretches 0-49 of a and of b
+    crossed = drift_report(x, torch.cat([a, b]), segment=50)["real_segment_std_ratio"]  # ... and one across
+    assert 0.4 < apart < 0.5 and crossed > apart + 0.1  # a piece's std 1 against the collection's sqrt(5)

@@ -133,25 +133,38 @@ def _segment_stats(z: torch.Tensor, ref: torch.Tensor, ref_mu: torch.Tensor, ref
             float((z.std(0) / ref_sd).mean()))
 
 
-def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 50,
-                 limits: DriftLimits = DriftLimits()) -> dict:
-    """Per-segment statistics of long rollouts (S, T, 8, 64) (or one, (T, 8, 64)) against reference data (M, 8, 64).
+def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Tensor], segment: int = 50,
+                 limits: DriftLimits = DriftLimits(), stream_pieces: list[int] | None = None) -> dict:
+    """Per-segment statistics of long rollouts (S, T, 8, 64) (or one, (T, 8, 64)) against reference data: one
+    (M, 8, 64) tensor, or the held-out pieces as a list of (M_i, 8, 64) tensors.
 
     Each statistic is computed per stream and segment and averaged over the S streams: one stream is
     like one piece, and pieces differ (half a minute of real music has 0.44-1.07x the collection's
     spread, 5-95 %), so several streams from different prompts are what can be compared with real music.
     A segment's `spread` is its mean std ratio (segment std / reference std, over channels) divided by
-    the mean of the same figure over the reference's own segments of equal length: 1 means "as dynamic
-    as real music over the same span". `fd` is compared with `real_segment_fd`, the reference segments' median.
+    the mean of the same figure over real segments of equal length (never crossing from one piece into the
+    next): 1 means "as dynamic as real music over the same span". With `stream_pieces` (the piece each stream's
+    prompt was cut from) each stream is divided by its own piece's figure, so a stream continuing a quiet piece
+    is held to that piece, and which pieces the prompts came from does not tilt the verdict; a piece shorter than
+    one segment counts as the collection's mean. `fd` is compared with `real_segment_fd`, the real segments' median.
     """
     streams = rollout[None] if rollout.ndim == 3 else rollout  # (S, T, 8, 64)
     finite = bool(torch.isfinite(streams).all())
-    ref = token_frames(reference).double()
+    pieces = reference if isinstance(reference, (list, tuple)) else [reference]
+    ref = token_frames(torch.cat(list(pieces))).double()
     ref_mu, ref_sd = ref.mean(0), ref.std(0).clamp_min(1e-6)
-    real = [_segment_stats(token_frames(reference[i:i + segment]).double(), ref, ref_mu, ref_sd)
-            for i in range(0, reference.shape[0] - segment + 1, segment)]
+    real_by_piece = [[_segment_stats(token_frames(p[i:i + segment]).double(), ref, ref_mu, ref_sd)
+                      for i in range(0, p.shape[0] - segment + 1, segment)] for p in pieces]
+    real = [r for rs in real_by_piece for r in rs]
     baseline = float(torch.tensor([r[0] for r in real]).median()) if real else None
     real_spread = sum(r[2] for r in real) / len(real) if real else 1.0
+    if stream_pieces is not None:
+        if len(stream_pieces) != streams.shape[0]:
+            raise ValueError(f"stream_pieces names {len(stream_pieces)} pieces for {streams.shape[0]} streams")
+        own = [sum(r[2] for r in rs) / len(rs) if rs else real_spread for rs in real_by_piece]
+        per_stream = torch.tensor([own[i] for i in stream_pieces], dtype=torch.float64)
+    else:
+        per_stream = torch.full((streams.shape[0],), real_spread, dtype=torch.float64)
     segs = []
     for start in range(0, streams.shape[1] - segment + 1, segment):
         part = streams[:, start:start + segment].double()  # (S, segment, 8, 64)
@@ -159,10 +172,10 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 
             segs.append({"start": start, "fd": float("inf"), "mean_shift": float("inf"), "std_ratio": float("inf"),
                          "spread": float("inf")})
             continue
-        stats = torch.tensor([_segment_stats(token_frames(z), ref, ref_mu, ref_sd) for z in part]).mean(0)
-        fd, shift, std_ratio = (float(v) for v in stats)
+        stats = torch.tensor([_segment_stats(token_frames(z), ref, ref_mu, ref_sd) for z in part])  # (S, 3)
+        fd, shift, std_ratio = (float(v) for v in stats.mean(0))
         segs.append({"start": start, "fd": fd, "mean_shift": shift, "std_ratio": std_ratio,
-                     "spread": std_ratio / real_spread})
+                     "spread": float((stats[:, 2] / per_stream).mean())})
     reasons = [] if finite else ["NaN or inf in the rollout"]
     if segs and finite:
         first, last = segs[0], segs[-1]
@@ -182,6 +195,7 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor, segment: int = 
     spreads = [s["spread"] for s in segs]
     return {"finite": finite, "streams": streams.shape[0], "segments": segs, "real_segment_fd": baseline,
             "real_segment_std_ratio": real_spread,
+            "spread_reference": "each stream's own piece" if stream_pieces is not None else "the collection",
             "spread_min": min(spreads) if spreads else None, "spread_max": max(spreads) if spreads else None,
             "drift": bool(reasons), "reasons": reasons,
             "verdict": "fails: " + "; ".join(reasons) if reasons else "stable"}
