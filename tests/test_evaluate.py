@@ -90,6 +90,10 @@ def test_eval_compares_with_a_teacher_on_the_same_prompts_and_noise(setup, capsy
     same = json.loads((root / "t1" / "eval.json").read_text())["teacher"]
     assert same["first_chunk_rms"] == 0 and same["fd_token_ratio"] == pytest.approx(1.0)
     assert same["nfe"] == 2 and "same prompts and noise" in capsys.readouterr().out
+    assert main(args + ["--out-dir", str(root / "t3"), "--teacher-solver", "euler", "--teacher-nfe", "2",
+                        "--prompt-batch", "2"]) == 0  # 2 + 1 prompts: the teacher's batches draw the same noise
+    batched = json.loads((root / "t3" / "eval.json").read_text())
+    assert batched["teacher"]["first_chunk_rms"] == 0 and batched["continuation"]["prompts"] == 3
     assert main(args + ["--out-dir", str(root / "t2"), "--teacher-solver", "heun", "--teacher-nfe", "8"]) == 0
     other = json.loads((root / "t2" / "eval.json").read_text())["teacher"]
     assert other["first_chunk_rms"] > 1e-3 and other["nfe"] == 8 and other["solver"] == "heun"

@@ -13,17 +13,35 @@ from test_train import tiny_run
 
 def test_rollout_steps_resume_bit_exact(ar_data, tmp_path):
     """Rollouts are drawn from the step's generator: a run with them resumes to the same weights."""
-    run_train(tiny_run(ar_data, tmp_path / "straight", rollout_p=0.5, rollout_nfe=2))
-    run_train(tiny_run(ar_data, tmp_path / "split", rollout_p=0.5, rollout_nfe=2), stop_at=3)
-    run_train(tiny_run(ar_data, tmp_path / "split", resume=True, rollout_p=0.5, rollout_nfe=2))
+    stage = dict(rollout_p=0.5, rollout_nfe=2, rollout_start=0.0)
+    run_train(tiny_run(ar_data, tmp_path / "straight", **stage))
+    run_train(tiny_run(ar_data, tmp_path / "split", **stage), stop_at=3)
+    run_train(tiny_run(ar_data, tmp_path / "split", resume=True, **stage))
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    plain = load_checkpoint(run_train(tiny_run(ar_data, tmp_path / "plain")) and tmp_path / "plain" / "last.pt")
+    plain = load_checkpoint(run_train(tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0)) and tmp_path / "plain" / "last.pt")
     assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the rollouts did change it
 
 
+def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, tmp_path):
+    """--rollout-start 0.5: the first half of the steps are a plain run's, bit for bit; the second half are rollout
+    steps, and a resume across the border lands on the same weights as the run straight through."""
+    stage = dict(rollout_p=1.0, rollout_nfe=2, rollout_start=0.5)
+    run_train(tiny_run(ar_data, tmp_path / "plain_half", rollout_p=0.0), stop_at=3)
+    run_train(tiny_run(ar_data, tmp_path / "staged", **stage), stop_at=3)
+    half_plain, half_staged = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("plain_half", "staged"))
+    assert all(torch.equal(half_plain[k], half_staged[k]) for k in half_plain)  # steps 0-2: no rollout, no extra draw
+    run_train(tiny_run(ar_data, tmp_path / "staged", resume=True, **stage))
+    run_train(tiny_run(ar_data, tmp_path / "straight", **stage))
+    run_train(tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0))
+    staged, straight, plain = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("staged", "straight", "plain"))
+    assert all(torch.equal(staged[k], straight[k]) for k in staged)
+    assert any(not torch.equal(staged[k], plain[k]) for k in staged)  # steps 3-5 were rollout steps
+
+
 @pytest.mark.parametrize("over, said", [({"rollout_p": 1.5}, "rollout-p"), ({"rollout_solver": "magic"}, "unknown solver"),
-                                        ({"rollout_nfe": 0}, "rollout-nfe")])
+                                        ({"rollout_nfe": 0}, "rollout-nfe"), ({"rollout_start": 1.0}, "rollout-start"),
+                                        ({"rollout_start": -0.1}, "rollout-start")])
 def test_bad_rollout_settings_are_refused_at_setup(ar_data, tmp_path, over, said):
     with pytest.raises(FlowError, match=said):
         setup(tiny_run(ar_data, tmp_path / "run", **over))
@@ -44,11 +62,21 @@ def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(
     The same number of further steps with rollouts brings the spread back toward 1; plain steps do not."""
     data = write_latent_dir(tmp_path / "lat", {f"f{i}.wav": ar_latents(400, rho=0.9, seed=i) for i in range(4)})
     common = dict(batch_size=8, crop_tokens=64, val_every=0, log_every=100, ema_decay=0.5, val_fraction=0.0)
-    run_train(tiny_run(data, tmp_path / "base", max_steps=200, lr=2e-3, warmup_steps=10, **common))
+    run_train(tiny_run(data, tmp_path / "base", flow={"t_dist": "logit_normal"}, max_steps=200, lr=2e-3,
+                       warmup_steps=10, rollout_p=0.0, **common))  # the fine-tunes keep its logit-normal times
     base = rollout_spread(tmp_path / "base" / "ema.pt")
     for name, rollout_p in (("plain", 0.0), ("rollout", 1.0)):
         run_train(tiny_run(data, tmp_path / name, init_from=tmp_path / "base" / "ema.pt", max_steps=40, lr=5e-4,
-                           warmup_steps=1, rollout_p=rollout_p, **common))
+                           warmup_steps=1, rollout_p=rollout_p, rollout_start=0.0, **common))
     plain, rolled = rollout_spread(tmp_path / "plain" / "ema.pt"), rollout_spread(tmp_path / "rollout" / "ema.pt")
     assert base > 1.08 and plain > 1.08, (base, plain)  # teacher forcing: drifted wide, and stays so
     assert abs(rolled - 1) < 0.5 * min(abs(base - 1), abs(plain - 1)), (base, plain, rolled)
+
+
+def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(ar_data, tmp_path):
+    run = tiny_run(ar_data, tmp_path / "plain")
+    assert (run.train.rollout_p, run.train.rollout_start, run.flow.t_dist) == (0.5, 0.8, "uniform")
+    run_train(tiny_run(ar_data, tmp_path / "teacher", max_steps=1))
+    teacher = str(tmp_path / "teacher" / "ema.pt")
+    assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher).train.rollout_p == 0.0
+    assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher, rollout_p=0.25).train.rollout_p == 0.25

@@ -279,12 +279,12 @@ def test_init_from_starts_a_new_run_from_the_source_ema_weights(ar_data, tmp_pat
     from codicodec_flow.train import setup
     caplog.set_level(logging.INFO, logger="codicodec_flow")
     src = tmp_path / "big"
-    run_train(tiny_run(ar_data, src, flow={"t_dist": "uniform"}, max_steps=4))
+    run_train(tiny_run(ar_data, src, flow={"t_dist": "logit_normal"}, max_steps=4))
     source = load_checkpoint(src / "last.pt")
     album = write_latent_dir(tmp_path / "album", {f"track{i}.wav": 3.0 * ar_latents(30, seed=10 + i) for i in range(3)})
     for ckpt in ("last.pt", "ema.pt"):  # last.pt: its EMA weights, as load_bundle reads it
         run = tiny_run(album, tmp_path / "ft", init_from=src / ckpt, max_steps=3, flow={"p_uncond": 0.2})
-        assert run.flow.t_dist == "uniform" and run.flow.p_uncond == 0.2  # flow: the source's unless given anew
+        assert run.flow.t_dist == "logit_normal" and run.flow.p_uncond == 0.2  # flow: the source's unless given anew
         tr = setup(run)
         assert tr.step == 0 and not tr.opt.state and tr.sched.last_epoch == 0
         for net in (tr.model, tr.ema):

@@ -50,9 +50,9 @@ MODEL_PRESETS = {
 
 @dataclass(frozen=True)
 class FlowConfig:
-    # how the noisy chunks' times are drawn. uniform gave faithfuller short continuations but long rollouts
-    # that wash out; logit_normal holds 11-minute rollouts at real music's spread (README, evaluation)
-    t_dist: str = "logit_normal"  # or "uniform"
+    # how the noisy chunks' times are drawn: uniform continues held-out music with a far lower FD than logit_normal
+    # (mass in the middle); with train's closing rollout stage its long rollouts hold (README, evaluation)
+    t_dist: str = "uniform"  # or "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     context_noise_max: float = 0.1  # clean-stream chunks carry noise up to this level in training
@@ -91,9 +91,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # background processes reading crops; 0 reads them in the training process
     noisy_chunks: int = 0  # noisy chunks trained per crop, drawn at random per micro-batch; 0: all (flow.make_batch)
-    rollout_p: float = 0.0  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
+    rollout_p: float = 0.5  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
     rollout_nfe: int = 4
+    rollout_start: float = 0.8  # fraction of max_steps after which rollout steps are mixed in (0: from the first)
     distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 8

@@ -70,6 +70,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     its flow config unless given) or resumed (the checkpoint's configs; given flags, a given preset included,
     must agree with them)."""
     train = TrainConfig(**train_given)
+    if train.distill_from is not None and "rollout_p" not in train_given:
+        train = replace(train, rollout_p=0.0)  # a student learns its teacher's samples: rollout steps only if asked
     last = Path(train.out_dir) / LAST
     if preset is not None and preset not in MODEL_PRESETS:
         raise FlowError(f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
@@ -94,7 +96,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
-    train = replace(config_from_dict(TrainConfig, saved["train"]), **train_given)
+    saved_train = {"rollout_p": 0.0, **saved["train"]}  # a run saved before rollouts existed goes on without them
+    train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
 
@@ -291,8 +294,10 @@ def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy
 
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:
-    """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe)."""
+    """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe, --rollout-start)."""
     get_solver(cfg.rollout_solver)  # FlowError naming the choices
+    if not 0.0 <= cfg.rollout_start < 1.0:
+        raise FlowError(f"--rollout-start must lie in [0, 1) (a fraction of --max-steps), got {cfg.rollout_start}")
     try:
         return RolloutConfig(p=cfg.rollout_p, solver=cfg.rollout_solver, nfe=cfg.rollout_nfe)
     except ValueError as exc:
@@ -326,11 +331,19 @@ def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: s
     return teacher.model
 
 
+def rollout_first_step(cfg: TrainConfig) -> int:
+    """The first step that may be a rollout step (--rollout-start as a step)."""
+    return math.ceil(cfg.rollout_start * cfg.max_steps)
+
+
 def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
-    """On a share rollout_p of micro-batches, the model's own cached continuation of each crop's real opening
-    as its context (rollout.py); drawn from the step's generator, so resume stays exact. None otherwise."""
+    """On a share rollout_p of micro-batches from step rollout_start * max_steps on, the model's own cached
+    continuation of each crop's real opening as its context (rollout.py); drawn from the step's generator, so
+    resume stays exact, and steps before the start draw nothing (they are a plain run's). None otherwise."""
     cfg = tr.run.train
-    if cfg.rollout_p <= 0 or float(torch.rand((), generator=g)) >= cfg.rollout_p:
+    if cfg.rollout_p <= 0 or tr.step < rollout_first_step(cfg):
+        return None
+    if float(torch.rand((), generator=g)) >= cfg.rollout_p:
         return None
     context, _ = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), GEN_CONTEXT_NOISE, g)
     return context.cpu()

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--out-dir", default=d.out_dir, help=f"where eval.json and plots go (default {d.out_dir})")
     p.add_argument("--train-dir", default=None, help="the training latents, for the memorisation check")
     p.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts cut from the held-out data (default {d.prompts})")
+    p.add_argument("--prompt-batch", type=int, default=d.prompt_batch,
+                   help=f"prompts continued at once; fewer use less memory, same figures (default {d.prompt_batch})")
     p.add_argument("--prompt-chunks", type=int, default=d.prompt_chunks, help=f"chunks per prompt (default {d.prompt_chunks})")
     p.add_argument("--continuation-chunks", type=int, default=d.continuation_chunks,
                    help=f"generated chunks compared with the real ones (default {d.continuation_chunks})")
@@ -39,13 +41,15 @@ def register(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks, a.rollout_streams) < 1 or a.rollout_chunks < 0:
-        raise FlowError("--prompts must be >= 2, --prompt-chunks, --continuation-chunks and --rollout-streams >= 1, "
+    if (a.prompts < 2 or min(a.prompt_chunks, a.continuation_chunks, a.rollout_streams, a.prompt_batch) < 1
+            or a.rollout_chunks < 0):
+        raise FlowError("--prompts must be >= 2, --prompt-chunks, --prompt-batch, --continuation-chunks and "
+                        "--rollout-streams >= 1, "
                         "--rollout-chunks >= 0")
     cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
                      a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
                      audio=not a.no_audio, rollout_streams=a.rollout_streams, teacher=a.teacher,
-                     teacher_solver=a.teacher_solver, teacher_nfe=a.teacher_nfe)
+                     teacher_solver=a.teacher_solver, teacher_nfe=a.teacher_nfe, prompt_batch=a.prompt_batch)
     report = run_eval(cfg, sample_config(a, SampleConfig()))
     for line in summary(report):
         print(line)

@@ -29,10 +29,13 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
                                           "reads them); the crops are the same either way"),
     ("--noisy-chunks", "noisy_chunks", int, "noisy chunks trained per crop, drawn at random: a cheaper step, each "
                                             "still seeing its whole context (0: all)"),
-    ("--rollout-p", "rollout_p", finite_float, "share of steps whose context is the model's own cached continuation "
-                                               "of the crop's real opening, against drift (post-training; 0: off)"),
+    ("--rollout-p", "rollout_p", finite_float, "share of steps (from --rollout-start on) whose context is the model's "
+                                               "own cached continuation of the crop's real opening, against drift "
+                                               "(0: off; 0 with --distill-from unless given)"),
     ("--rollout-solver", "rollout_solver", str, "solver of those rollouts"),
     ("--rollout-nfe", "rollout_nfe", int, "evaluations per rolled-out chunk"),
+    ("--rollout-start", "rollout_start", finite_float, "fraction of --max-steps after which rollout steps are mixed "
+                                                       "in: a closing stage of the same run (0: from the first step)"),
     ("--distill-from", "distill_from", str, "teacher checkpoint (ema.pt): train a few-step student on the teacher's "
                                             "own samples (post-training; starts from the teacher's weights unless "
                                             "--init-from names others)"),
