@@ -1,4 +1,5 @@
-"""Rollout context for post-training against drift: the model's own continuations as the clean stream.
+"""Rollout context against drift (train's closing stage, or post-training): the model's own continuations as
+the clean stream.
 
 Teacher-forced training only ever shows the model real music as context. At generation time its
 context is its own output, slightly off the data, and over minutes the errors compound: the spread
