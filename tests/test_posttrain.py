@@ -80,3 +80,17 @@ def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(a
     teacher = str(tmp_path / "teacher" / "ema.pt")
     assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher).train.rollout_p == 0.0
     assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher, rollout_p=0.25).train.rollout_p == 0.25
+
+
+def test_a_run_saved_before_the_rollout_stage_resumes_as_it_was_trained(ar_data, tmp_path):
+    """Checkpoints written before --rollout-p (or --rollout-start) existed lack the keys: their runs go on without
+    rollouts (or with rollouts from the first step, as --rollout-p then meant), not with today's defaults."""
+    for missing, expected in ((("rollout_p", "rollout_start"), (0.0, 0.0)), (("rollout_start",), (0.5, 0.0))):
+        out = tmp_path / "_".join(missing)
+        run_train(tiny_run(ar_data, out, rollout_p=0.5), stop_at=2)
+        ckpt = torch.load(out / "last.pt", weights_only=True)
+        for key in missing:
+            del ckpt["config"]["train"][key]
+        torch.save(ckpt, out / "last.pt")
+        run = tiny_run(ar_data, out, resume=True)
+        assert (run.train.rollout_p, run.train.rollout_start) == expected

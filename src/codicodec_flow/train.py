@@ -96,7 +96,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
-    saved_train = {"rollout_p": 0.0, **saved["train"]}  # a run saved before rollouts existed goes on without them
+    # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0
+    saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
