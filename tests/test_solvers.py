@@ -11,7 +11,7 @@ import torch
 
 from codicodec_flow.errors import FlowError
 from codicodec_flow.solvers import (
-    SOLVERS, dpmpp, euler, integrate, make_schedule, steps_for,
+    SOLVERS, dpmpp, euler, integrate, make_schedule, spent_nfe, steps_for,
 )
 
 MU, SIGMA = 0.7, 0.4
@@ -127,6 +127,8 @@ def test_steps_for_rounds_to_whole_steps_halves_up():
     assert [steps_for("euler", n) for n in (1, 2, 4, 8)] == [1, 2, 4, 8]
     assert [steps_for("heun", n) for n in (1, 2, 3, 4, 5, 8)] == [1, 1, 2, 2, 3, 4]
     assert [steps_for("rk4", n) for n in (1, 2, 4, 6, 7, 8, 10)] == [1, 1, 1, 2, 2, 2, 3]
+    assert [spent_nfe("heun", n) for n in (1, 3, 5, 8)] == [2, 4, 6, 8]  # what is reported: whole steps' evaluations
+    assert [spent_nfe("rk4", n) for n in (2, 7)] == [4, 8] and spent_nfe("euler", 3) == 3
 
 
 def test_steps_for_errors():

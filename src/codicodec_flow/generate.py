@@ -24,7 +24,7 @@ from .errors import FlowError
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
 from .quantize import for_generation
-from .solvers import get_solver, integrate, steps_for
+from .solvers import integrate, spent_nfe, steps_for
 from .util.devices import autocast
 
 
@@ -48,7 +48,7 @@ class StreamGenerator:
     @property
     def evals(self) -> int:
         """Model evaluations per chunk actually spent (before guidance doubles them)."""
-        return self.steps * get_solver(self.cfg.solver).evals_per_step
+        return spent_nfe(self.cfg.solver, self.cfg.nfe)
 
     def modulations(self, t: float) -> tuple[torch.Tensor, ...]:
         """The model's conditioning for one time value, (1, 1, .) each; computed once per distinct time.

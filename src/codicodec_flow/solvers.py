@@ -207,6 +207,12 @@ def steps_for(solver: str, nfe: int) -> int:
     return max(1, (nfe + k // 2) // k)
 
 
+def spent_nfe(solver: str, nfe: int) -> int:
+    """The model evaluations per chunk `nfe` actually spends with `solver`: whole steps (steps_for) x evaluations
+    per step (before classifier-free guidance doubles them)."""
+    return steps_for(solver, nfe) * get_solver(solver).evals_per_step
+
+
 def integrate(velocity: Velocity, x1: Tensor, solver: str, n_steps: int, schedule: str = "linear",
               shift: float = 1.0, generator: torch.Generator | None = None, noise_scale: float = 1.0) -> Tensor:
     """Sample x0 from noise x1 (B, L, D) with the named solver over a fresh schedule.

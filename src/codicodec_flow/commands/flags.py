@@ -8,7 +8,7 @@ import math
 from ..codec import CODEC_NAMES
 from ..config import PRECISIONS, SampleConfig
 from ..errors import FlowError
-from ..solvers import SCHEDULES, SOLVERS, get_solver, steps_for
+from ..solvers import SCHEDULES, SOLVERS, get_solver, spent_nfe
 from ..util.devices import DEVICE_CHOICES, live_threads
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def sample_config(a: argparse.Namespace, d: SampleConfig, **extra) -> SampleConf
     except ValueError as exc:
         raise FlowError(str(exc)) from None
     check_finite(cfg)
-    spent = steps_for(cfg.solver, cfg.nfe) * get_solver(cfg.solver).evals_per_step
+    spent = spent_nfe(cfg.solver, cfg.nfe)
     if spent != cfg.nfe:
         log.warning(f"{cfg.solver} spends NFE in whole steps: --nfe {cfg.nfe} runs {spent} evaluations per chunk")
     return cfg

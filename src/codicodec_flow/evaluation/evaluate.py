@@ -21,7 +21,7 @@ from ..errors import DataError, FlowError
 from ..flow import validation_loss
 from ..generate import StreamGenerator
 from ..latents import normalise
-from ..solvers import get_solver, steps_for
+from ..solvers import spent_nfe
 from ..util.devices import autocast, autocast_dtype, resolve_device
 from ..util.fsutil import write_text_atomic
 from ..util.progress import Reporter
@@ -180,10 +180,9 @@ def _teacher(ev: _Run, prompts: torch.Tensor, real: torch.Tensor, cont: torch.Te
                         f"{ev.bundle.codec}: they cannot continue the same prompts")
     sample = replace(ev.sample, solver=cfg.teacher_solver, nfe=cfg.teacher_nfe)
     theirs = _continue(ev, teacher, sample, prompts, "teacher")
-    evals = steps_for(sample.solver, sample.nfe) * get_solver(sample.solver).evals_per_step
     norm = ev.norm
     fd, fd_own = frechet_report(norm(theirs), norm(real)), frechet_report(norm(cont), norm(real))
-    return {"ckpt": cfg.teacher, "solver": cfg.teacher_solver, "nfe": evals * (1 + (sample.cfg_scale != 1.0)),
+    return {"ckpt": cfg.teacher, "solver": cfg.teacher_solver, "nfe": spent_nfe(sample.solver, sample.nfe) * (1 + (sample.cfg_scale != 1.0)),
             "frechet": fd, "spread": spread_ratio(norm(theirs), norm(real)),
             "relatedness": prompt_relatedness(norm(theirs), norm(prompts)),
             "fd_token_ratio": fd_own["fd_token"] / max(fd["fd_token"], 1e-12),
