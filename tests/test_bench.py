@@ -104,14 +104,16 @@ def test_training_figure_times_the_step_train_runs(monkeypatch):
     seen = []
 
     def spy(tr, crops):
-        seen.append((tr.step, tr.run.train.grad_clip, tr.run.train.noisy_chunks, tuple(crops[0].x.shape)))
+        seen.append((tr.step, tr.run.train.grad_clip, tr.run.train.noisy_chunks, tr.run.train.rollout_p,
+                     tuple(crops[0].x.shape)))
         return train.optimiser_step(tr, crops)
 
     monkeypatch.setattr(bench, "optimiser_step", spy)
-    cfg = BenchConfig(device="cpu", sizes=("tiny",), train_steps=2, train_batch=2, train_crop=32, train_noisy_chunks=2,
+    cfg = BenchConfig(device="cpu", sizes=("tiny",), train_steps=5, train_batch=2, train_crop=32, train_noisy_chunks=2,
                       train_only=True)
     r = run_bench(cfg, say=lambda *_: None)
-    assert seen == [(step, 1.0, 2, (2, 32, 64)) for step in range(3)]  # a warm-up step, then the 2 timed
+    # a warm-up step, then the 5 timed; never a rollout step, though the last would lie in train's closing stage
+    assert seen == [(step, 1.0, 2, 0.0, (2, 32, 64)) for step in range(6)]
     row = r["training"][0]
     assert row["noisy_chunks"] == 2 and row["attention"] == "blocks" and row["tokens_per_s"] > 0
     assert r["generation"] == [] and "bandwidth_gb_s" not in r and "realtime" not in r

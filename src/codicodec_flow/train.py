@@ -226,11 +226,7 @@ def setup(run: Run) -> Trainer:
         data = _resume_data(data, run.resume_from, cfg.data_dir)
     if run.init_from is not None:
         data = _fine_tune_data(data, run.init_from, cfg.data_dir)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = FlowDiT(mcfg).to(device)
-    ema = copy.deepcopy(model).float().requires_grad_(False)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    model, ema, opt, sched = fresh_state(run, device)
     if run.init_from is not None:  # both start from the source's EMA weights; optimiser and schedule are new
         run.init_from.load_into(model)
         run.init_from.load_into(ema)
@@ -242,6 +238,16 @@ def setup(run: Run) -> Trainer:
     teacher = None if cfg.distill_from is None else _load_teacher(cfg.distill_from, mcfg, data, cfg.data_dir, device)
     return Trainer(run, rank, world, device, autocast_dtype(cfg.dtype, device), data, val_set, model, net, ema, opt,
                    sched, step, teacher)
+
+
+def fresh_state(run: Run, device) -> tuple[FlowDiT, FlowDiT, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """A new run's model (seeded: identical initial weights on every rank), its fp32 EMA copy, AdamW and schedule."""
+    cfg = run.train
+    torch.manual_seed(cfg.seed)
+    model = FlowDiT(run.model).to(device)
+    ema = copy.deepcopy(model).float().requires_grad_(False)
+    opt = make_optimizer(model, cfg)
+    return model, ema, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
 def step_crops(tr: Trainer) -> StepCrops:

@@ -6,7 +6,6 @@ have random weights: speed does not depend on what a model has learnt.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import platform
@@ -33,7 +32,7 @@ from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
 from ..streams import KERNEL_AUTO
-from ..train import Run, Trainer, lr_factor, make_optimizer, noisy_chunks_check, optimiser_step
+from ..train import Run, Trainer, fresh_state, noisy_chunks_check, optimiser_step
 from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
@@ -239,13 +238,14 @@ def bench_long_stream(size: str, cfg: BenchConfig, device, amp, say) -> dict:
 
 def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
     """Seconds per step of the step `train` runs (train.optimiser_step: the two-stream loss, AdamW with train's
-    defaults, gradient clipping, the EMA update), on random crops; the first step warms up and is not counted."""
+    defaults, gradient clipping, the EMA update) before its closing rollout stage, on random crops; the first step
+    warms up and is not counted."""
     gpu = device.type != "cpu"
     batch = cfg.train_batch or (8 if gpu else 1)
     crop = cfg.train_crop or (768 if gpu else 128)
     n = crop // TOKENS_PER_CHUNK
     tcfg = TrainConfig(data_dir="", out_dir="", device=str(device), batch_size=batch, crop_tokens=crop,
-                       noisy_chunks=cfg.train_noisy_chunks, max_steps=cfg.train_steps + 1)
+                       noisy_chunks=cfg.train_noisy_chunks, max_steps=cfg.train_steps + 1, rollout_p=0.0)
     run = Run(tcfg, MODEL_PRESETS[size], FlowConfig(), None)
     noisy_chunks_check(tcfg, run.model, "--train-noisy-chunks")
     tr = bench_trainer(run, device, amp)
@@ -272,11 +272,7 @@ def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
 
 def bench_trainer(run: Run, device, amp) -> Trainer:
     """train's training state for `run` (model, EMA, AdamW, schedule) without data: optimiser_step reads none."""
-    torch.manual_seed(run.train.seed)
-    model = FlowDiT(run.model).to(device)
-    opt = make_optimizer(model, run.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, run.train))
-    ema = copy.deepcopy(model).float().requires_grad_(False)
+    model, ema, opt, sched = fresh_state(run, device)
     return Trainer(run, 0, 1, device, amp, None, [], model, model, ema, opt, sched, 0)
 
 
