@@ -37,6 +37,18 @@ BLOCK_CHUNKS = 8  # clean chunks per query block: smaller blocks skip more, each
 KERNEL_AUTO: dict[str, str] = {"cuda": "dense"}
 
 
+def sees(lag: torch.Tensor, q_noisy: torch.Tensor, k_noisy: torch.Tensor, same_slot: torch.Tensor,
+         key_valid: torch.Tensor, q_uncond: torch.Tensor, window: int) -> torch.Tensor:
+    """The rule of the module docstring, element-wise (any broadcastable shapes): whether a query sees a key.
+
+    lag: query chunk - key chunk; same_slot: both in the same noisy-stream chunk (meaningful for noisy keys);
+    key_valid: the key's chunk holds data; q_uncond: the query's noisy chunk is unconditional.
+    """
+    clean_q = ~k_noisy & (lag >= 0) & (lag <= window) & (key_valid | (lag == 0))
+    past = ~k_noisy & (lag >= 1) & (lag <= window) & key_valid & ~q_uncond
+    return torch.where(q_noisy, past | (k_noisy & same_slot), clean_q)
+
+
 @dataclass(frozen=True)
 class TwoStreams:
     """The layout of a two-stream batch: everything its attention mask follows from, without the mask."""
@@ -83,21 +95,14 @@ class TwoStreams:
         return _Tokens(chunk.to(device), noisy.to(device), slot.to(device))
 
     def links(self, q: "_Tokens", k: "_Tokens") -> torch.Tensor:
-        """(B|1, Q, Kk) bool: whether query token q[i] sees key token k[j] (the rule in the module docstring)."""
-        lag = q.chunk[:, None] - k.chunk[None, :]  # (Q, Kk) query chunk - key chunk
-        same_chunk = lag == 0
-        clean_q = ~k.noisy[None, :] & (lag >= 0) & (lag <= self.window)
-        past = ~k.noisy[None, :] & (lag >= 1) & (lag <= self.window)
-        own = k.noisy[None, :] & (q.slot[:, None] == k.slot[None, :])  # a noisy query's own chunk
+        """(B|1, Q, Kk) bool: whether query token q[i] sees key token k[j] (`sees`, for every pair)."""
+        yes = torch.ones((), dtype=torch.bool, device=q.chunk.device)
+        key_valid = yes if self.valid is None else self.valid[:, k.chunk][:, None, :]  # (B, 1, Kk)
+        q_uncond = ~yes if self.uncond is None else self.uncond[:, q.slot][:, :, None]  # (B, Q, 1)
+        seen = sees(q.chunk[:, None] - k.chunk[None, :], q.noisy[:, None], k.noisy[None, :],
+                    q.slot[:, None] == k.slot[None, :], key_valid, q_uncond, self.window)
         B = next((x.shape[0] for x in (self.valid, self.uncond) if x is not None), 1)
-        clean_q, past = clean_q.expand(B, -1, -1), past.expand(B, -1, -1)
-        if self.valid is not None:
-            key_ok = self.valid[:, k.chunk][:, None, :]  # (B, 1, Kk)
-            clean_q = clean_q & (key_ok | same_chunk)
-            past = past & key_ok
-        if self.uncond is not None:
-            past = past & ~(self.uncond[:, q.slot] & q.noisy)[:, :, None]  # (B, Q, 1) rows of unconditional chunks
-        return torch.where(q.noisy[None, :, None], past | own, clean_q)  # (B, Q, Kk)
+        return seen.expand(B, -1, -1)  # (B, Q, Kk)
 
     def mask(self, device=None) -> torch.Tensor:
         """The dense (B|1, 1, L', L') boolean mask of the layout, on `device` (default: where valid/uncond are)."""
@@ -190,8 +195,8 @@ def _flex():
 
 
 class FlexPlan:
-    """FlexAttention over a TwoStreams layout: the same rule as `TwoStreams.links`, as a mask_mod whose block mask
-    lets the kernel skip every fully masked 128 x 128 tile."""
+    """FlexAttention over a TwoStreams layout: the rule `sees`, as a mask_mod whose block mask lets the kernel skip
+    every fully masked 128 x 128 tile."""
 
     def __init__(self, streams: TwoStreams, device: torch.device, compiled: bool = True):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -202,12 +207,8 @@ class FlexPlan:
         uncond = streams.uncond if streams.uncond is not None else torch.zeros(B, K, dtype=torch.bool, device=device)
 
         def mask_mod(b, h, qi, ki):
-            lag = tok.chunk[qi] - tok.chunk[ki]
-            k_clean = ~tok.noisy[ki]
-            clean_q = k_clean & (lag >= 0) & (lag <= W) & (valid[b, tok.chunk[ki]] | (lag == 0))
-            past = k_clean & (lag >= 1) & (lag <= W) & valid[b, tok.chunk[ki]] & ~uncond[b, tok.slot[qi]]
-            own = tok.noisy[ki] & (tok.slot[qi] == tok.slot[ki])
-            return torch.where(tok.noisy[qi], past | own, clean_q)
+            return sees(tok.chunk[qi] - tok.chunk[ki], tok.noisy[qi], tok.noisy[ki], tok.slot[qi] == tok.slot[ki],
+                        valid[b, tok.chunk[ki]], uncond[b, tok.slot[qi]], W)
 
         L = streams.tokens
         self.block_mask = create_block_mask(mask_mod, B, None, L, L, device=device)
