@@ -32,8 +32,8 @@ class StreamGenerator:
     """Generates chunk after chunk for a batch of streams against one KVCache."""
 
     def __init__(self, model: FlowDiT, stats: LatentStats, cfg: SampleConfig, device: torch.device,
-                 amp: torch.dtype | None = None):
-        model = for_generation(model, cfg.precision, device)  # fp32: the model itself; int8: a quantized copy
+                 amp: torch.dtype | None = None, pack: bool = True):
+        model = for_generation(model, cfg.precision, device, pack)  # fp32: packed weights on x86; int8: quantized
         self.model, self.stats, self.cfg, self.device, self.amp = model, stats, cfg, torch.device(device), amp
         self.batch = cfg.num_samples
         self.steps = steps_for(cfg.solver, cfg.nfe)
@@ -196,10 +196,11 @@ class StreamGenerator:
 class WindowRerunGenerator(StreamGenerator):
     """The reference approach the cache exists to beat: every evaluation re-runs the model over the
     whole window of past chunks plus the new one. Same model, same maths for the first W chunks;
-    cost grows with the window instead of staying at 8 tokens."""
+    cost grows with the window instead of staying at 8 tokens. Its linear layers are plain ones, as in the
+    original CoDiCodec-Flow code it stands for (MKL packing would make them ~1.2x faster at 264 rows)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs, pack=False)
         W, T, D = self.model.cfg.context_chunks, self.tokens, self.model.cfg.latent_dim
         self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
         self.W = W

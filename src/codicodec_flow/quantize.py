@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .errors import FlowError
 from .model import FlowDiT
+from .packing import packed_copy, packing_available
 
 
 def streamed_linears(model: FlowDiT) -> list[str]:
@@ -31,10 +32,12 @@ def streamed_linears(model: FlowDiT) -> list[str]:
             if isinstance(m, nn.Linear) and name.startswith("blocks.") and ".ada." not in name]
 
 
-def for_generation(model: FlowDiT, precision: str, device) -> FlowDiT:
-    """`model` as generation runs it: itself for fp32, else a quantized copy (the original is untouched)."""
+def for_generation(model: FlowDiT, precision: str, device, pack: bool = True) -> FlowDiT:
+    """`model` as generation runs it (the original is untouched): fp32 on an x86 CPU a copy sharing its weights
+    whose streamed layers multiply through MKL-packed copies (packing.py; pack=False or elsewhere: the model
+    itself), int8 a quantized copy."""
     if precision == "fp32":
-        return model
+        return packed_copy(model, streamed_linears(model)) if pack and packing_available(device) else model
     if precision != "int8":
         raise FlowError(f"unknown precision {precision!r}: use fp32 or int8")
     if torch.device(device).type != "cpu":

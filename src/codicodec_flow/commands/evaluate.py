@@ -6,7 +6,7 @@ import argparse
 from ..config import SampleConfig
 from ..errors import FlowError
 from ..evaluation.evaluate import EvalConfig, run_eval, summary
-from .flags import add_codec_weights, add_device, add_sampling, sample_config
+from .flags import add_codec_weights, add_device, add_sampling, add_weights, sample_config
 
 
 def register(sub) -> None:
@@ -34,6 +34,7 @@ def register(sub) -> None:
                         "teacher) and report both side by side")
     p.add_argument("--teacher-solver", default=d.teacher_solver, help=f"the teacher's solver (default {d.teacher_solver})")
     p.add_argument("--teacher-nfe", type=int, default=d.teacher_nfe, help=f"the teacher's NFE (default {d.teacher_nfe})")
+    add_weights(p)
     add_sampling(p, SampleConfig())
     add_device(p)
     add_codec_weights(p)
@@ -49,7 +50,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = EvalConfig(a.ckpt, a.data_dir, a.out_dir, a.train_dir, a.prompts, a.prompt_chunks, a.continuation_chunks,
                      a.rollout_chunks, device=a.device, codec_ckpt=a.codec_ckpt, trust_codec_ckpt=a.trust_codec_ckpt,
                      audio=not a.no_audio, rollout_streams=a.rollout_streams, teacher=a.teacher,
-                     teacher_solver=a.teacher_solver, teacher_nfe=a.teacher_nfe, prompt_batch=a.prompt_batch)
+                     teacher_solver=a.teacher_solver, teacher_nfe=a.teacher_nfe, prompt_batch=a.prompt_batch, weights=a.weights)
     report = run_eval(cfg, sample_config(a, SampleConfig()))
     for line in summary(report):
         print(line)

@@ -5,6 +5,7 @@ import argparse
 import logging
 import math
 
+from ..checkpoint import WEIGHTS
 from ..codec import CODEC_NAMES
 from ..config import PRECISIONS, SampleConfig
 from ..errors import FlowError
@@ -64,6 +65,12 @@ def add_codec_weights(p: argparse.ArgumentParser) -> None:
                    help="CoDiCodec weights file (else $CODICODEC_CKPT, else the package's first-use download)")
     p.add_argument("--trust-codec-ckpt", action="store_true",
                    help="allow full unpickling of --codec-ckpt (only for a file you trust, e.g. the official one)")
+
+
+def add_weights(p) -> None:
+    """--weights: generate with the EMA weights, or last.pt's raw training weights."""
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="ema: the EMA weights (default); raw: last.pt's raw training weights (not in ema.pt)")
 
 
 def add_sampling(p: argparse.ArgumentParser, d: SampleConfig, title: str = "sampling") -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import WEIGHTS
 from ..config import LIVE_SAMPLING
 from ..errors import FlowError
 from ..realtime.engine import EngineConfig
@@ -15,7 +14,7 @@ from ..realtime.protocol import CONTROL_HELP
 from ..realtime.session import PACES, RealtimeConfig, run_realtime
 from ..realtime.sinks import SINKS
 from ..realtime.state import MAX_GAIN, Controls
-from .flags import add_codec_weights, add_device, add_sampling, add_threads, sample_config
+from .flags import add_codec_weights, add_device, add_sampling, add_threads, add_weights, sample_config
 
 
 def register(sub) -> None:
@@ -58,8 +57,7 @@ def register(sub) -> None:
     o.add_argument("--gain", type=float, default=Controls.gain,
                    help=f"output gain 0..{MAX_GAIN:g} (+6 dB), changeable live; above 1 a limiter keeps each chunk "
                         f"under full scale (default {Controls.gain:g})")
-    o.add_argument("--weights", default="ema", choices=WEIGHTS,
-                   help="ema: the EMA weights (default); raw: last.pt's raw training weights (not in ema.pt)")
+    add_weights(o)
     o.add_argument("--presets", default=None, metavar="DIR",
                    help="where presets are saved and recalled (default: $XDG_CONFIG_HOME/codicodec-flow/presets, "
                         "else ~/.config/codicodec-flow/presets)")

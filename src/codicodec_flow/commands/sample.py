@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import WEIGHTS, load_bundle
+from ..checkpoint import load_bundle
 from ..codec import CHUNK_SAMPLES, CHUNK_SECONDS
 from ..codec.audio import write_wav
 from ..codec.prompt import DECODE_MODES, decode_latents, encode_prompt
@@ -20,7 +20,7 @@ from ..generate import StreamGenerator
 from ..util.devices import autocast_dtype, resolve_device
 from ..util.fsutil import check_writable
 from ..util.progress import Reporter
-from .flags import add_codec_weights, add_device, add_sampling, check_finite, finite_float, sample_config
+from .flags import add_codec_weights, add_device, add_sampling, add_weights, check_finite, finite_float, sample_config
 
 
 @dataclass
@@ -123,8 +123,7 @@ def register(sub) -> None:
     p.add_argument("--include-prompt", action="store_true", help="write the (decoded) prompt before the continuation")
     p.add_argument("--decode", default="parallel", choices=DECODE_MODES,
                    help="codec decoding: whole sequence at once, or chunk by chunk with decode_next")
-    p.add_argument("--weights", default="ema", choices=WEIGHTS,
-                   help="ema: the EMA weights (default); raw: last.pt's raw training weights (not in ema.pt)")
+    add_weights(p)
     p.set_defaults(func=run)
 
 

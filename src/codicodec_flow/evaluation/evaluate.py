@@ -49,6 +49,7 @@ class EvalConfig:
     teacher_solver: str = "heun"  # ... with its own sampler, from the same noise
     teacher_nfe: int = 8
     prompt_batch: int = 64  # prompts continued at once (memory: one cache per prompt)
+    weights: str = "ema"  # "ema", or "raw": last.pt's raw training weights
 
 
 def pick_windows(files: list[LatentFile], n: int, length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -87,7 +88,7 @@ class _Run:
 def run_eval(cfg: EvalConfig, sample: SampleConfig = SampleConfig(), plain: bool | None = None) -> dict:
     """Compute every figure, write eval.json and the PNGs into cfg.out_dir, and return the figures."""
     dev = resolve_device(cfg.device)
-    bundle = load_bundle(cfg.ckpt, dev)
+    bundle = load_bundle(cfg.ckpt, dev, cfg.weights)
     held = load_latents(cfg.data_dir, val_fraction=0.0)
     if held.codec != bundle.codec:
         raise DataError(f"{cfg.data_dir} holds {held.codec} latents but {cfg.ckpt} was trained on {bundle.codec}")

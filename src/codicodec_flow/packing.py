@@ -1,0 +1,87 @@
+"""Packed fp32 weights for generation on an x86 CPU: the same products, laid out once for MKL.
+
+A cached pass multiplies 8 tokens (per stream) by every weight matrix once: each product is a
+matrix-vector-like GEMM whose cost is how fast the kernel streams the weight. Intel MKL can re-lay a
+weight matrix out once for a given number of rows (`cblas_sgemm_pack`) and then multiply against it
+without the per-call re-blocking of a plain GEMM. PyTorch ships that pair as
+`torch.ops.mkl._mkl_reorder_linear_weight` / `torch.ops.mkl._mkl_linear` (inductor's weight freezing
+uses them). Measured on a 2-core Xeon, ten default-size Linear(768, 3456) at 8 rows: 8.6 ms plain,
+5.7 ms packed; at 16-128 rows 1.3x; same float32 arithmetic, differences at the last bit (~1e-6).
+
+A pack is made for one row count: a PackedLinear packs lazily, per row count it meets, up to
+MAX_PACKS of them (a stream meets two: the new chunk alone, and with the finished chunk that joins the
+cache in the same pass); other row counts run the plain product. Each pack is a copy of the weight, so
+the default model holds ~250 MB more per row count. A pack remembers the weight's version and is
+remade if the weight changes in place (a training step), so it can never compute with stale weights.
+Where the build has no MKL (ARM, Apple silicon) or the device is not the CPU, nothing is packed.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_PACKS = 3  # row counts packed per layer; more would each cost a copy of the weights
+
+
+def packing_available(device) -> bool:
+    """Whether MKL's packed products exist for `device` in this PyTorch build."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkl.is_available():
+        return False
+    try:
+        return hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    except RuntimeError:  # an op namespace this build never registered
+        return False
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear (sharing its weight and bias) that multiplies through MKL-packed copies of the weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # shared with the original: no copy
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # rows -> (weight version, packed weight)
+
+    def _pack(self, rows: int) -> torch.Tensor | None:
+        version = self.weight._version
+        held = self._packs.get(rows)
+        if held is not None and held[0] == version:
+            return held[1]
+        if held is None and len(self._packs) >= MAX_PACKS:
+            return None
+        with torch.no_grad():
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
+        self._packs[rows] = (version, packed)
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        packed = self._pack(rows) if x.dtype == torch.float32 and not torch.is_grad_enabled() else None
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, rows)
+
+    def __deepcopy__(self, memo) -> "PackedLinear":
+        """A copy with the weight and bias deep-copied as `memo` says (packed_copy shares them), without the
+        packs: MKL's packed tensors cannot be copied, and a copy remakes them when it first runs."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = copy.deepcopy(self.weight, memo)
+        if self.bias is not None:
+            plain.bias = copy.deepcopy(self.bias, memo)
+        return PackedLinear(plain)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed rows={sorted(self._packs)}"
+
+
+def packed_copy(model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of `model` sharing every parameter and buffer, whose linear layers `names` are PackedLinear."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    out = copy.deepcopy(model, memo)  # new module objects, the same tensors
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(out.get_submodule(parent), leaf, PackedLinear(out.get_submodule(name)))
+    return out
