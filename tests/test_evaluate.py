@@ -97,3 +97,23 @@ def test_eval_compares_with_a_teacher_on_the_same_prompts_and_noise(setup, capsy
     assert main(args + ["--out-dir", str(root / "t2"), "--teacher-solver", "heun", "--teacher-nfe", "8"]) == 0
     other = json.loads((root / "t2" / "eval.json").read_text())["teacher"]
     assert other["first_chunk_rms"] > 1e-3 and other["nfe"] == 8 and other["solver"] == "heun"
+
+
+def test_eval_scores_the_raw_weights_of_last_pt_when_asked(setup, capsys):
+    """--weights raw loads last.pt's training weights (not its EMA); an ema.pt has none and says so."""
+    root, held, _, ckpt = setup
+    ema = torch.load(ckpt, weights_only=True)
+    raw = {k: v + 0.05 * torch.randn_like(v) for k, v in ema["model"].items()}
+    last = root / "run" / "last.pt"
+    save_checkpoint({**ema, "kind": "training", "model": raw, "ema": ema["model"]}, last)
+    args = ["eval", "--data-dir", str(held), "--prompts", "2", "--prompt-chunks", "2", "--continuation-chunks", "2",
+            "--rollout-chunks", "0", "--no-audio", "--device", "cpu"]
+    out = {}
+    for name, ck, which in (("ema", ckpt, "ema"), ("last_ema", last, "ema"), ("last_raw", last, "raw")):
+        assert main([*args, "--ckpt", str(ck), "--weights", which, "--out-dir", str(root / name)]) == 0
+        out[name] = json.loads((root / name / "eval.json").read_text())
+    assert out["last_raw"]["config"]["weights"] == "raw"
+    assert out["last_ema"]["validation"]["loss"] == out["ema"]["validation"]["loss"]
+    assert out["last_raw"]["validation"]["loss"] != out["ema"]["validation"]["loss"]
+    assert main([*args, "--ckpt", str(ckpt), "--weights", "raw", "--out-dir", str(root / "x")]) != 0
+    assert "holds only the EMA weights" in capsys.readouterr().err
