@@ -63,11 +63,17 @@ def test_a_pack_is_remade_when_the_weight_changes_and_bounded_in_count():
 
 
 @needs_mkl
-def test_gradients_flow_through_the_plain_product():
+def test_gradients_autocast_and_other_dtypes_take_the_plain_product():
     lin = nn.Linear(16, 8)
     p = PackedLinear(lin)
     p(torch.randn(8, 16)).sum().backward()
     assert lin.weight.grad is not None and not p._packs
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert p(torch.randn(8, 16)).dtype == torch.bfloat16  # autocast's product, as nn.Linear gives
+    assert not p._packs
+    with torch.no_grad():
+        p(torch.randn(8, 16))
+    assert list(p._packs) == [8]  # float32 without gradients or autocast: packed
 
 
 def test_nothing_is_packed_where_mkl_or_the_cpu_is_missing(model, monkeypatch):

@@ -36,6 +36,13 @@ def packing_available(device) -> bool:
         return False
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear (sharing its weight and bias) that multiplies through MKL-packed copies of the weight."""
 
@@ -59,7 +66,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        packed = self._pack(rows) if x.dtype == torch.float32 and not torch.is_grad_enabled() else None
+        plain = (x.dtype != torch.float32 or self.weight.dtype != torch.float32 or torch.is_grad_enabled()
+                 or _cpu_autocast())  # packs are float32 products without gradients
+        packed = None if plain else self._pack(rows)
         if packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, rows)
