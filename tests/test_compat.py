@@ -10,7 +10,8 @@ import torch
 
 from codicodec_flow import SampleConfig, StreamGenerator, load_bundle, load_latents
 from codicodec_flow.data.shards import load_shard
-from codicodec_flow.train import plan_run, run_train
+from codicodec_flow.plan import plan_run
+from codicodec_flow.train import run_train
 
 V1 = Path(__file__).parent / "data" / "format_v1"
 

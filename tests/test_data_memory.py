@@ -23,7 +23,8 @@ BYTES_PER_HOUR = 3600 / CHUNK_SECONDS * 8 * 64 * 4  # float32 latents: ~10.8 MB
 CHILD = """
 import sys
 from codicodec_flow.data.dataset import load_latents
-from codicodec_flow.train import plan_run, run_train
+from codicodec_flow.plan import plan_run
+from codicodec_flow.train import run_train
 def mb(field):  # VmHWM: the peak resident memory so far; VmRSS: now
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) // 1024
 data_dir, out_dir = sys.argv[1:3]

@@ -11,7 +11,8 @@ from codicodec_flow.commands.cli import main
 from codicodec_flow.data.dataset import load_latents, validation_crops
 from codicodec_flow.errors import CheckpointError, FlowError
 from codicodec_flow.flow import validation_loss
-from codicodec_flow.train import plan_run, run_train
+from codicodec_flow.plan import plan_run
+from codicodec_flow.train import run_train
 from conftest import ar_latents, write_latent_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ from .generate import StreamGenerator
 from .latents import LatentStats
 from .model import FlowDiT
 from .solvers import steps_for
-from .train import plan_run, run_train
+from .plan import plan_run
+from .train import run_train
 from .util.logs import show_logs
 
 __all__ = ["Bundle", "CHUNK_SAMPLES", "CHUNK_SECONDS", "Codec", "EvalConfig", "FlowConfig", "FlowDiT", "FlowError",

@@ -20,7 +20,8 @@ from ..data.dataset import load_latents
 from ..data.preprocess import run_preprocess, summary_lines
 from ..data.synth import write_songs
 from ..evaluation.plots import spectrogram_png
-from ..train import plan_run, run_train
+from ..plan import plan_run
+from ..train import run_train
 from ..util.progress import interactive
 from .flags import add_device
 from .sample import run_sample

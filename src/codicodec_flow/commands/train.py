@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import MODEL_PRESETS, FlowConfig, ModelConfig, TrainConfig
-from ..train import plan_run, run_train
+from ..plan import plan_run
+from ..train import run_train
 from ..util.progress import interactive
 from .flags import add_device, finite_float
 

@@ -32,7 +32,8 @@ from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
 from ..streams import KERNEL_AUTO
-from ..train import Run, Trainer, fresh_state, noisy_chunks_check, optimiser_step
+from ..plan import Run, noisy_chunks_check
+from ..train import Trainer, fresh_state, optimiser_step
 from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
