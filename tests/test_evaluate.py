@@ -45,6 +45,7 @@ def test_eval_writes_every_figure_and_plot(setup):
     assert ro["chunks"] == 40 and ro["finite"] and len(ro["segments"]) == 4 and "verdict" in ro
     assert ro["streams"] == 16 and 0 < ro["spread_min"] <= ro["spread_max"]  # the default: 16 prompts at once
     assert c["spread"] > 0 and c["spread_verdict"] in ("faithful", "washed out", "too wide")
+    assert set(c["spread_parts"]) == {"within", "between"} and min(c["spread_parts"].values()) > 0
     for name in ("latents", "spectrogram", "drift", "training"):
         assert (root / "out" / saved["plots"][name].split("/")[-1]).read_bytes()[:4] == b"\x89PNG", name
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, frechet_distance, frechet_report,
-                                               memorisation, prompt_relatedness, spread_ratio)
+                                               memorisation, prompt_relatedness, spread_parts,
+                                               spread_ratio)
 
 
 def gauss(n, d=8, mu=0.0, scale=1.0, seed=0):
@@ -69,6 +70,19 @@ def test_drift_reports_what_real_segments_score():
     # segments of the same distribution score like the reference's own segments
     assert d["real_segment_fd"] is not None and abs(d["segments"][0]["fd"] - d["real_segment_fd"]) < 0.5 * d["real_segment_fd"]
     assert drift_report(torch.randn(200, 8, 64), ref[:20], segment=50)["real_segment_fd"] is None
+
+
+def test_spread_parts_tell_averaged_continuations_from_flat_ones():
+    """Streams = a per-prompt level + their own dynamics; shrink one or the other and only that part drops."""
+    g = torch.Generator().manual_seed(0)
+    level, motion = torch.randn(400, 1, 1, 64, generator=g), torch.randn(400, 6, 8, 64, generator=g)
+    real = level + motion
+    same = spread_parts(torch.randn(400, 1, 1, 64, generator=g) + torch.randn(400, 6, 8, 64, generator=g), real)
+    assert abs(same["within"] - 1) < 0.05 and abs(same["between"] - 1) < 0.1
+    averaged = spread_parts(0.5 * level + torch.randn(400, 6, 8, 64, generator=g), real)  # toward the mean
+    assert abs(averaged["within"] - 1) < 0.05 and averaged["between"] < 0.75
+    flat = spread_parts(level + 0.5 * torch.randn(400, 6, 8, 64, generator=g), real)  # prompt kept, dull inside
+    assert abs(flat["within"] - 0.5) < 0.03 and flat["between"] > 0.9
 
 
 def test_spread_ratio_known_answers():

@@ -25,7 +25,8 @@ from ..solvers import spent_nfe
 from ..util.devices import autocast, autocast_dtype, resolve_device
 from ..util.fsutil import write_text_atomic
 from ..util.progress import Reporter
-from .metrics import SpreadBand, drift_report, frechet_report, memorisation, prompt_relatedness, spread_ratio
+from .metrics import (SpreadBand, drift_report, frechet_report, memorisation, prompt_relatedness, spread_parts,
+                      spread_ratio)
 from .plots import curves_png, latent_heatmap_png, spectrogram_png, training_curves_png
 
 
@@ -140,6 +141,9 @@ def _continuations(ev: _Run, report: dict) -> None:
         "spread_verdict": SpreadBand.verdict(spread, SpreadBand().continuation),
         "spread_definition": "mean over the 64 channels of std(generated) / std(real continuations), every token "
                              f"a sample; faithful within {SpreadBand().continuation}",
+        "spread_parts": spread_parts(norm(cont), norm(real)),
+        "spread_parts_definition": "within: each continuation's own std over its tokens; between: the std of the "
+                                   "continuations' means across prompts; each generated / real (metrics.spread_parts)",
     }
     if cfg.train_dir:
         bank = torch.cat([f.latents for f in load_latents(cfg.train_dir, val_fraction=0.0).train])
@@ -250,8 +254,10 @@ def summary(report: dict) -> list[str]:
     c = report.get("continuation", {})
     if "frechet" in c:
         f, r, rr = c["frechet"], c["relatedness"], c["relatedness_real"]
+        parts = c["spread_parts"]
         lines.append(f"continuations: spread {c['spread']:.2f}x the real ones ({c['spread_verdict']}; faithful "
-                     f"{SpreadBand().continuation[0]}-{SpreadBand().continuation[1]}); FD token {f['fd_token']:.3f}, "
+                     f"{SpreadBand().continuation[0]}-{SpreadBand().continuation[1]}; within a continuation "
+                     f"{parts['within']:.2f}x, between prompts {parts['between']:.2f}x); FD token {f['fd_token']:.3f}, "
                      f"FD chunk {f['fd_chunk']:.3f}; prompt relatedness ratio {r['ratio']:.2f} (real continuations "
                      f"{rr['ratio']:.2f}; below 1 = follows its prompt)")
     elif c:

@@ -102,6 +102,21 @@ def spread_ratio(generated: torch.Tensor, real: torch.Tensor) -> float:
     return float((g.std(0) / r.std(0).clamp_min(1e-6)).mean())
 
 
+def spread_parts(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    """Where a continuation spread comes from, for continuations (N, K, 8, 64) of N prompts and the real ones.
+
+    "within": each stream's own dynamics, the mean over streams of the std over its K * 8 tokens;
+    "between": how far apart the streams lie, the std over streams of each stream's mean. Each as
+    generated / real, averaged over channels. A model that keeps the texture lively but pulls every
+    continuation toward the collection's average has within ~1 and between < 1; one whose
+    continuations keep their prompt's character but come out flat has the reverse.
+    """
+    g, r = generated.flatten(1, -2).double(), real.flatten(1, -2).double()  # (N, K * 8, 64)
+    within = (g.std(1).mean(0) / r.std(1).mean(0).clamp_min(1e-6)).mean()
+    between = (g.mean(1).std(0) / r.mean(1).std(0).clamp_min(1e-6)).mean()
+    return {"within": float(within), "between": float(between)}
+
+
 @dataclass(frozen=True)
 class SpreadBand:
     """Where a generated/real spread counts as faithful (stated once, used by eval, its plots and its tests).
