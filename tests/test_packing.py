@@ -53,13 +53,18 @@ def test_a_pack_is_remade_when_the_weight_changes_and_bounded_in_count():
     p = PackedLinear(lin)
     with torch.no_grad():
         x = torch.randn(1, 8, 32)
-        assert torch.allclose(p(x), lin(x), atol=1e-5)
+        for _ in range(2):
+            assert torch.allclose(p(x), lin(x), atol=1e-5)
+        assert 8 in p._packs
         lin.weight.mul_(-2.0)  # an optimiser step, in place
         assert torch.allclose(p(x), lin(x), atol=1e-5)  # not the stale pack
         for rows in range(1, MAX_PACKS + 3):
-            y = torch.randn(rows, 32)
-            assert torch.allclose(p(y), lin(y), atol=1e-5)
-    assert len(p._packs) == MAX_PACKS
+            for _ in range(2):  # a row count is packed when it comes again
+                y = torch.randn(rows, 32)
+                assert torch.allclose(p(y), lin(y), atol=1e-5)
+        assert len(p._packs) == MAX_PACKS
+        p(torch.randn(40, 32))  # once only, like a prompt's prefill: not packed
+        assert 40 not in p._packs
 
 
 @needs_mkl
@@ -72,6 +77,7 @@ def test_gradients_autocast_and_other_dtypes_take_the_plain_product():
         assert p(torch.randn(8, 16)).dtype == torch.bfloat16  # autocast's product, as nn.Linear gives
     assert not p._packs
     with torch.no_grad():
+        p(torch.randn(8, 16))
         p(torch.randn(8, 16))
     assert list(p._packs) == [8]  # float32 without gradients or autocast: packed
 

@@ -8,9 +8,10 @@ without the per-call re-blocking of a plain GEMM. PyTorch ships that pair as
 uses them). Measured on a 2-core Xeon, ten default-size Linear(768, 3456) at 8 rows: 8.6 ms plain,
 5.7 ms packed; at 16-128 rows 1.3x; same float32 arithmetic, differences at the last bit (~1e-6).
 
-A pack is made for one row count: a PackedLinear packs lazily, per row count it meets, up to
-MAX_PACKS of them (a stream meets two: the new chunk alone, and with the finished chunk that joins the
-cache in the same pass); other row counts run the plain product. Each pack is a copy of the weight, so
+A pack is made for one row count: a PackedLinear packs lazily, per row count it meets a second time
+(a prompt's one-off prefill stays plain), up to MAX_PACKS of them (a stream meets two: the new chunk
+alone, and with the finished chunk that joins the cache in the same pass); other row counts run the
+plain product. Each pack is a copy of the weight, so
 the default model holds ~250 MB more per row count. A pack remembers the weight's version and is
 remade if the weight changes in place (a training step), so it can never compute with stale weights.
 Where the build has no MKL (ARM, Apple silicon) or the device is not the CPU, nothing is packed.
@@ -51,14 +52,17 @@ class PackedLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias  # shared with the original: no copy
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # rows -> (weight version, packed weight)
+        self._seen: dict[int, int] = {}  # rows -> passes so far without a pack
 
     def _pack(self, rows: int) -> torch.Tensor | None:
         version = self.weight._version
         held = self._packs.get(rows)
         if held is not None and held[0] == version:
             return held[1]
-        if held is None and len(self._packs) >= MAX_PACKS:
-            return None
+        if held is None:
+            self._seen[rows] = self._seen.get(rows, 0) + 1
+            if self._seen[rows] < 2 or len(self._packs) >= MAX_PACKS:
+                return None  # a one-off pass (a prompt's prefill) is not worth a copy of the weights
         with torch.no_grad():
             packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
         self._packs[rows] = (version, packed)
