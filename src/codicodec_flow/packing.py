@@ -11,9 +11,9 @@ uses them). Measured on a 2-core Xeon, ten default-size Linear(768, 3456) at 8 r
 A pack is made for one row count: a PackedLinear packs lazily, per row count it meets a second time
 (a prompt's one-off prefill stays plain), up to MAX_PACKS of them (a stream meets two: the new chunk
 alone, and with the finished chunk that joins the cache in the same pass); other row counts run the
-plain product. Each pack is a copy of the weight, so
-the default model holds ~250 MB more per row count. A pack remembers the weight's version and is
-remade if the weight changes in place (a training step), so it can never compute with stale weights.
+plain product. Each pack is a copy of the weight, so the default model holds ~250 MB more per row
+count. A pack remembers the weight's version and is remade if the weight changes in place (a training
+step), so it can never compute with stale weights.
 Where the build has no MKL (ARM, Apple silicon) or the device is not the CPU, nothing is packed.
 """
 from __future__ import annotations
