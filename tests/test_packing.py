@@ -88,6 +88,18 @@ def test_nothing_is_packed_where_mkl_or_the_cpu_is_missing(model, monkeypatch):
     assert for_generation(model, "fp32", "cpu") is model
 
 
+@needs_mkl
+def test_a_generator_packs_its_steady_passes_when_made(model):
+    """The new chunk alone and with a finished chunk joining (twice the rows under guidance): no pass of the
+    stream stops to pack."""
+    for cfg_scale, rows in ((1.0, [16, 32]), (2.0, [32, 48])):
+        g = StreamGenerator(model, LatentStats.identity(), SampleConfig(num_samples=2, cfg_scale=cfg_scale), "cpu")
+        assert sorted(g.model.blocks[0].w12._packs) == rows
+        g.prefill(torch.randn(2, 3, 8, 64))
+        g.generate(3)
+        assert sorted(g.model.blocks[0].w12._packs) == rows  # the 48-row prefill did not take a pack
+
+
 def test_the_window_rerun_reference_keeps_plain_layers(model):
     ref = WindowRerunGenerator(model, LatentStats.identity(), SampleConfig(), "cpu")
     assert ref.model is model

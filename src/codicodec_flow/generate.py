@@ -23,6 +23,7 @@ from .config import SampleConfig
 from .errors import FlowError
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
+from .packing import prepack
 from .quantize import for_generation
 from .solvers import integrate, spent_nfe, steps_for
 from .util.devices import autocast
@@ -38,6 +39,8 @@ class StreamGenerator:
         self.batch = cfg.num_samples
         self.steps = steps_for(cfg.solver, cfg.nfe)
         self.cache = model.new_cache(self.batch, self.device, next(model.parameters()).dtype)
+        rows = model.cfg.chunk_tokens * self.batch * (2 if cfg.cfg_scale != 1.0 else 1)  # one pass of the new chunk
+        prepack(model, [rows, rows + model.cfg.chunk_tokens * self.batch])  # ... and with a finished chunk joining
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
         self.tokens = model.cfg.chunk_tokens
         self.chunks_done = 0

@@ -146,7 +146,7 @@ class OrtBackend:
         if ort_model.cfg != model.cfg:
             raise FlowError("the ONNX export was made from another model (its export.json model config differs "
                             "from the checkpoint's); export this checkpoint again")
-        super().__init__(model, stats, cfg, "cpu")
+        super().__init__(model, stats, cfg, "cpu", pack=False)  # onnxruntime runs the products, not torch
         ort_model.reset()  # a new generator starts a new stream
         ort_model.set_active(None)
         self.ort = self.cache = ort_model  # the KVCache's place: configure() sets its context the same way
