@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from codicodec_flow import packing
+from codicodec_flow import packing, quantize
 from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.generate import StreamGenerator, WindowRerunGenerator
 from codicodec_flow.latents import LatentStats
@@ -17,6 +17,17 @@ needs_mkl = pytest.mark.skipif(not packing_available("cpu"), reason="this PyTorc
 @pytest.fixture(scope="module")
 def model():
     return randomised_model(CFG)
+
+
+@pytest.fixture(autouse=True)
+def pack_narrow_models(monkeypatch):
+    """The tests' models are narrow; pack them as if they were wide enough to gain."""
+    monkeypatch.setattr(quantize, "MIN_PACKED_DIM", 0)
+
+
+def test_only_models_wide_enough_to_gain_are_packed(model, monkeypatch):
+    monkeypatch.setattr(quantize, "MIN_PACKED_DIM", CFG.dim + 1)
+    assert for_generation(model, "fp32", "cpu") is model
 
 
 def _stream(model, pack: bool, cfg_scale: float = 1.0) -> torch.Tensor:

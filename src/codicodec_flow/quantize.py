@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .errors import FlowError
 from .model import FlowDiT
-from .packing import packed_copy, packing_available
+from .packing import MIN_PACKED_DIM, packed_copy, packing_available
 
 
 def streamed_linears(model: FlowDiT) -> list[str]:
@@ -34,10 +34,11 @@ def streamed_linears(model: FlowDiT) -> list[str]:
 
 def for_generation(model: FlowDiT, precision: str, device, pack: bool = True) -> FlowDiT:
     """`model` as generation runs it (the original is untouched): fp32 on an x86 CPU a copy sharing its weights
-    whose streamed layers multiply through MKL-packed copies (packing.py; pack=False or elsewhere: the model
-    itself), int8 a quantized copy."""
+    whose streamed layers multiply through MKL-packed copies when the model is wide enough to gain (packing.py;
+    pack=False, narrower models or elsewhere: the model itself), int8 a quantized copy."""
     if precision == "fp32":
-        return packed_copy(model, streamed_linears(model)) if pack and packing_available(device) else model
+        worth = pack and model.cfg.dim >= MIN_PACKED_DIM and packing_available(device)
+        return packed_copy(model, streamed_linears(model)) if worth else model
     if precision != "int8":
         raise FlowError(f"unknown precision {precision!r}: use fp32 or int8")
     if torch.device(device).type != "cpu":
