@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+from codicodec_flow import quantize
+from codicodec_flow.packing import packing_available
 from codicodec_flow.evaluation.bench import BenchConfig, run_bench
 from codicodec_flow.commands.cli import main
 
@@ -82,7 +84,10 @@ def test_streamed_bytes_leave_out_what_the_generator_keeps_per_time():
     assert streamed_bytes(model.to(torch.bfloat16)) == 2 * (model.num_params() - kept)
 
 
-def test_bench_times_int8_beside_fp32(tmp_path, capsys):
+@pytest.mark.parametrize("min_dim", [0, 10_000])
+def test_bench_times_int8_beside_fp32(tmp_path, capsys, monkeypatch, min_dim):
+    """Rows say whether the fp32 path they timed multiplies through packed weights (packing.py)."""
+    monkeypatch.setattr(quantize, "MIN_PACKED_DIM", min_dim)
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--nfes", "2", "--solvers", "euler", "--measure-chunks",
                  "2", "--rerun-chunks", "1", "--long-chunks", "0", "--train-steps", "0", "--realtime-chunks", "0",
@@ -91,7 +96,11 @@ def test_bench_times_int8_beside_fp32(tmp_path, capsys):
     assert [r["precision"] for r in rows] == ["fp32", "int8"]  # the exact path first: the others compare with it
     assert "speedup" in rows[0] and "speedup" not in rows[1]  # the re-run reference is timed against fp32 only
     assert rows[1]["vs_fp32"] == pytest.approx(rows[0]["cached_s"] / rows[1]["cached_s"])
-    assert "int8" in capsys.readouterr().out  # the table has a precision column
+    printed = capsys.readouterr()
+    assert "int8" in printed.out  # the table has a precision column
+    packed = min_dim == 0 and packing_available("cpu")
+    assert [r["packed"] for r in rows] == [packed, False]
+    assert ("fp32 packed" in printed.out + printed.err) == packed  # the progress line names the path
     assert main(["bench", "--sizes", "tiny", "--precisions", "int4"]) == 2
 
 

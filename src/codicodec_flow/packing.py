@@ -103,6 +103,11 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed rows={sorted(self._packs)}"
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether `model` multiplies through packed weights (for reports: bench says which path it timed)."""
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
 def prepack(model: nn.Module, rows: list[int]) -> None:
     """Pack every PackedLinear of `model` for these row counts ahead of time (a stream's steady passes), so no
     pass of a live stream stops to pack (~80 ms per row count for the default model on a 2-core Xeon)."""

@@ -95,7 +95,8 @@ def print_report(report: dict, json_path: str | None = None) -> None:
     ms = lambda v: f"{1000 * v:.1f}" if v is not None else "—"  # noqa: E731
     for r in report["generation"]:
         which = (r.get("backend", "torch"), f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "—") if backends else ()
-        which += (r.get("precision", "fp32"), f"{r['vs_fp32']:.2f}x" if "vs_fp32" in r else "—") if precisions else ()
+        which += (r.get("precision", "fp32") + " packed" * r.get("packed", False),
+                  f"{r['vs_fp32']:.2f}x" if "vs_fp32" in r else "—") if precisions else ()
         t.add_row(f"{r['size']} ({r['params_m']:.0f} M)", r["solver"], str(r["nfe"]), *which, ms(r["cached_s"]),
                   f"{r['cached_rtf']:.1f}x", f"{r['over_floor']:.1f}" if "over_floor" in r else "—", ms(r.get("rerun_s")), f"{r['speedup']:.1f}x" if "speedup" in r else "—",
                   ms(r.get("with_codec_s")), f"{r['with_codec_rtf']:.1f}x" if "with_codec_rtf" in r else "—",

@@ -32,6 +32,7 @@ from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
 from ..streams import KERNEL_AUTO
+from ..packing import is_packed
 from ..plan import Run, noisy_chunks_check
 from ..train import Trainer, fresh_state, optimiser_step
 from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
@@ -162,7 +163,7 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
                 else:
                     gen = OrtStreamGenerator(model, stats, sc, ort_model)
                 row = _cached_row(gen, model, prompt, size, cfg, backend, bandwidth)
-                row["precision"] = precision
+                row["precision"], row["packed"] = precision, is_packed(gen.model)  # packing.py: MKL-packed fp32
                 if (backend, precision) == ("torch", "fp32"):
                     exact_s = row["cached_s"]
                     if cfg.rerun_chunks > 0:
@@ -175,7 +176,7 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
                 if decode_s is not None:
                     row.update(with_codec_s=row["cached_s"] + decode_s,
                                with_codec_rtf=CHUNK_SECONDS / (row["cached_s"] + decode_s))
-                say(f"  {size} {solver} NFE {nfe} {backend} {precision}: cached {1000 * row['cached_s']:.1f} ms/chunk"
+                say(f"  {size} {solver} NFE {nfe} {backend} {precision}{' packed' * row['packed']}: cached {1000 * row['cached_s']:.1f} ms/chunk"
                     + (f", re-run {1000 * row['rerun_s']:.0f} ms ({row['speedup']:.1f}x)" if "rerun_s" in row else "")
                     + (f", {row['vs_torch']:.2f}x torch's speed" if "vs_torch" in row else "")
                     + (f", {row['vs_fp32']:.2f}x fp32's speed" if "vs_fp32" in row else ""))
