@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from codicodec_flow import quantize
 from codicodec_flow.codec import CHUNK_SAMPLES, CHUNK_SECONDS, SAMPLE_RATE
 from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.model import Chunk
@@ -105,9 +106,12 @@ def test_resized_cache_keeps_its_past(model):
     assert grown.rewindable == 2
 
 
-def test_generator_rewinds_queued_and_cached_chunks_alike():
+@pytest.mark.parametrize("packed", [False, True])
+def test_generator_rewinds_queued_and_cached_chunks_alike(packed, monkeypatch):
     """StreamGenerator.rewind takes back chunks still waiting to join a pass and chunks already in the cache;
-    what comes after is what a generator given only the real context computes."""
+    what comes after is what a generator given only the real context computes (also through packed weights,
+    whose passes here carry 8 to 32 rows)."""
+    monkeypatch.setattr(quantize, "MIN_PACKED_DIM", 0 if packed else 10_000)
     gen, ref = (LiveGenerator(tiny_model(), STATS, SampleConfig(solver="euler", nfe=2, seed=0), "cpu")
                 for _ in range(2))
     gen.reserve_rewind(2)
@@ -127,6 +131,7 @@ def test_generator_rewinds_queued_and_cached_chunks_alike():
         for c in (ctx[0], ctx[1], ctx[4], ctx[5]):
             ref.add_noised_context(c)
         torch.testing.assert_close(gen.velocity(x, t), ref.velocity(x, t), atol=1e-5, rtol=0)
+        torch.testing.assert_close(gen.generate(3), ref.generate(3), atol=1e-5, rtol=0)  # steady 8- and 16-row passes
 
 
 def test_onnxruntime_cache_rewinds_by_handing_back_the_arrays_from_before():
