@@ -39,10 +39,11 @@ class StreamGenerator:
         self.batch = cfg.num_samples
         self.steps = steps_for(cfg.solver, cfg.nfe)
         self.cache = model.new_cache(self.batch, self.device, next(model.parameters()).dtype)
-        rows = model.cfg.chunk_tokens * self.batch * (2 if cfg.cfg_scale != 1.0 else 1)  # one pass of the new chunk
-        prepack(model, [rows, rows + model.cfg.chunk_tokens * self.batch])  # ... and with a finished chunk joining
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
         self.tokens = model.cfg.chunk_tokens
+        chunk_rows = self.tokens * self.batch
+        rows = chunk_rows * (2 if cfg.cfg_scale != 1.0 else 1)  # one pass of the new chunk (and its unguided twin)
+        prepack(model, [rows, rows + chunk_rows])  # ... and with a finished chunk joining it
         self.chunks_done = 0
         self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
         self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk

@@ -15,10 +15,10 @@ A pack is made for one row count: a PackedLinear packs lazily, per row count it 
 (a prompt's one-off prefill stays plain), up to MAX_PACKS of them; other row counts run the plain
 product. A StreamGenerator packs its steady passes' row counts when it is made (the new chunk alone,
 and with the finished chunk that joins the cache in the same pass), so a live stream never stops to
-pack. Each pack is a copy of the weight, so the default model holds ~250 MB more per row
-count. A pack remembers the weight's version and is remade if the weight changes in place (a training
-step), so it can never compute with stale weights.
-Where the build has no MKL (ARM, Apple silicon) or the device is not the CPU, nothing is packed.
+pack. Each pack is a copy of the weight, so the default model holds ~250 MB more per row count. A
+pack remembers the weight's version and is remade if the weight changes in place (a training step),
+so it can never compute with stale weights. Where the build has no MKL (ARM, Apple silicon) or the
+device is not the CPU, nothing is packed.
 """
 from __future__ import annotations
 
@@ -64,21 +64,22 @@ class PackedLinear(nn.Module):
     def prepack(self, rows: int) -> None:
         """Pack for `rows` now (if there is room), so the first pass with that many rows does not pay for it."""
         if rows not in self._packs and len(self._packs) < MAX_PACKS:
-            self._seen[rows] = 1
-            self._pack(rows)
+            self._make(rows)
 
     def _pack(self, rows: int) -> torch.Tensor | None:
-        version = self.weight._version
+        """The pack for `rows`: kept, remade if the weight changed, made on the count's second pass, or None."""
         held = self._packs.get(rows)
-        if held is not None and held[0] == version:
-            return held[1]
-        if held is None:
-            self._seen[rows] = self._seen.get(rows, 0) + 1
-            if self._seen[rows] < 2 or len(self._packs) >= MAX_PACKS:
-                return None  # a one-off pass (a prompt's prefill) is not worth a copy of the weights
+        if held is not None:
+            return held[1] if held[0] == self.weight._version else self._make(rows)
+        self._seen[rows] = self._seen.get(rows, 0) + 1
+        if self._seen[rows] < 2 or len(self._packs) >= MAX_PACKS:
+            return None  # a one-off pass (a prompt's prefill) is not worth a copy of the weights
+        return self._make(rows)
+
+    def _make(self, rows: int) -> torch.Tensor:
         with torch.no_grad():
             packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
-        self._packs[rows] = (version, packed)
+        self._packs[rows] = (self.weight._version, packed)
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
