@@ -3,17 +3,21 @@ import pytest
 import torch
 
 from codicodec_flow.checkpoint import load_bundle, load_checkpoint
-from codicodec_flow.config import SampleConfig
+from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator
+from codicodec_flow.latents import LatentStats
+from codicodec_flow.rollout import RolloutConfig, rollout_context
 from codicodec_flow.train import run_train, setup
-from conftest import ar_latents, write_latent_dir
+from conftest import ar_latents, randomised_model, write_latent_dir
 from test_train import tiny_run
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=4)
 
 
 def test_rollout_steps_resume_bit_exact(ar_data, tmp_path):
-    """Rollouts are drawn from the step's generator: a run with them resumes to the same weights."""
-    stage = dict(rollout_p=0.5, rollout_nfe=2, rollout_start=0.0)
+    """Rollouts (free and anchored) are drawn from the step's generator: a run with them resumes to the same weights."""
+    stage = dict(rollout_p=0.5, rollout_nfe=2, rollout_start=0.0, rollout_anchor_p=0.5)  # free and anchored ones
     run_train(tiny_run(ar_data, tmp_path / "straight", **stage))
     run_train(tiny_run(ar_data, tmp_path / "split", **stage), stop_at=3)
     run_train(tiny_run(ar_data, tmp_path / "split", resume=True, **stage))
@@ -41,7 +45,9 @@ def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, t
 
 @pytest.mark.parametrize("over, said", [({"rollout_p": 1.5}, "rollout-p"), ({"rollout_solver": "magic"}, "unknown solver"),
                                         ({"rollout_nfe": 0}, "rollout-nfe"), ({"rollout_start": 1.0}, "rollout-start"),
-                                        ({"rollout_start": -0.1}, "rollout-start")])
+                                        ({"rollout_start": -0.1}, "rollout-start"),
+                                        ({"rollout_anchor_p": 1.5}, "rollout-anchor-p"),
+                                        ({"rollout_anchor_t": 0.0}, "rollout-anchor-t")])
 def test_bad_rollout_settings_are_refused_at_setup(ar_data, tmp_path, over, said):
     with pytest.raises(FlowError, match=said):
         setup(tiny_run(ar_data, tmp_path / "run", **over))
@@ -83,14 +89,46 @@ def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(a
 
 
 def test_a_run_saved_before_the_rollout_stage_resumes_as_it_was_trained(ar_data, tmp_path):
-    """Checkpoints written before --rollout-p (or --rollout-start) existed lack the keys: their runs go on without
-    rollouts (or with rollouts from the first step, as --rollout-p then meant), not with today's defaults."""
-    for missing, expected in ((("rollout_p", "rollout_start"), (0.0, 0.0)), (("rollout_start",), (0.5, 0.0))):
+    """Checkpoints written before --rollout-p (or --rollout-start, --rollout-anchor-p) existed lack the keys: their
+    runs go on without rollouts (or with rollouts from the first step, as --rollout-p then meant, or with free
+    rollouts only), not with today's defaults."""
+    for missing, expected in ((("rollout_p", "rollout_start", "rollout_anchor_p"), (0.0, 0.0, 0.0)),
+                              (("rollout_start", "rollout_anchor_p"), (0.5, 0.0, 0.0)),
+                              (("rollout_anchor_p",), (0.5, 0.8, 0.0))):
         out = tmp_path / "_".join(missing)
-        run_train(tiny_run(ar_data, out, rollout_p=0.5), stop_at=2)
+        run_train(tiny_run(ar_data, out, rollout_p=0.5, rollout_start=0.8, rollout_anchor_p=0.5), stop_at=2)
         ckpt = torch.load(out / "last.pt", weights_only=True)
         for key in missing:
             del ckpt["config"]["train"][key]
         torch.save(ckpt, out / "last.pt")
         run = tiny_run(ar_data, out, resume=True)
-        assert (run.train.rollout_p, run.train.rollout_start) == expected
+        assert (run.train.rollout_p, run.train.rollout_start, run.train.rollout_anchor_p) == expected
+
+
+def test_anchored_rollouts_keep_the_real_music_near_and_free_ones_do_not():
+    """An anchored rollout finishes each chunk from its real one noised to anchor_t: at a small anchor_t the rolled-out
+    context stays near the real crop, at 1 it is as far as a free rollout's; the prompt is the real one either way,
+    and the same generator state draws the same rollout."""
+    model, x = randomised_model(CFG, seed=3), torch.randn(2, 6 * CFG.chunk_tokens, CFG.latent_dim)
+
+    def rolled(**kw):
+        ctx, P = rollout_context(model, x, RolloutConfig(p=1.0, nfe=2, **kw), 0.02, torch.Generator().manual_seed(4))
+        return ctx, P, (ctx - x)[:, P * CFG.chunk_tokens:].pow(2).mean().item()
+
+    near_ctx, P, near = rolled(anchor_p=1.0, anchor_t=0.05)
+    assert torch.equal(near_ctx[:, :P * CFG.chunk_tokens], x[:, :P * CFG.chunk_tokens]) and P < 6
+    _, _, fresh = rolled(anchor_p=1.0, anchor_t=1.0)
+    _, _, free = rolled()
+    assert near < 0.05 * free and fresh > 0.5 * free, (near, fresh, free)
+    assert torch.equal(rolled(anchor_p=1.0, anchor_t=0.05)[0], near_ctx)
+
+
+def test_a_chunk_finished_from_full_noise_is_a_fresh_chunk():
+    """next_chunk_from(anything, t=1) draws the same noise and runs the same steps as next_chunk: one code path."""
+    model, prompt = randomised_model(CFG, seed=5), ar_latents(3, seed=1)
+    sample = SampleConfig(solver="heun", nfe=4, num_samples=2, seed=7)
+    streams = [StreamGenerator(model, LatentStats.identity(), sample, "cpu") for _ in range(2)]
+    for g in streams:
+        g.prefill(prompt)
+    assert torch.equal(streams[0].next_chunk(), streams[1].next_chunk_from(torch.full((2, 8, 64), 9.0), 1.0))
+    assert torch.equal(streams[0].next_chunk(), streams[1].next_chunk())  # and the streams stay in step

@@ -168,3 +168,21 @@ def test_low_precision_keeps_dtype(solver):
 
     out = integrate(velocity, noise(dtype=torch.bfloat16), solver, 3, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.bfloat16 and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("solver", ["heun", "midpoint", "rk4"])
+@pytest.mark.parametrize("t_start", [0.3, 0.8])
+def test_starts_part_way(solver, t_start):
+    """From x(t_start) on the exact trajectory, a run over the scaled schedule lands on that trajectory's end;
+    a run from 1 would not (x(t_start) is not the noise)."""
+    z = noise()
+    x_t = (1 - t_start) * MU + math.sqrt((1 - t_start) ** 2 * SIGMA**2 + t_start**2) * z  # x(t_start) of noise z
+    out = integrate(gaussian_velocity, x_t, solver, 64, t_start=t_start)
+    assert (out - (MU + SIGMA * z)).abs().max().item() < 1e-3
+    assert (integrate(gaussian_velocity, x_t, solver, 64) - (MU + SIGMA * z)).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("t_start", [0.0, 1.5])
+def test_start_outside_the_flow_is_refused(t_start):
+    with pytest.raises(FlowError, match="t_start"):
+        integrate(gaussian_velocity, noise(), "euler", 4, t_start=t_start)

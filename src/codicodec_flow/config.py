@@ -95,6 +95,8 @@ class TrainConfig:
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
     rollout_nfe: int = 4
     rollout_start: float = 0.8  # fraction of max_steps after which rollout steps are mixed in (0: from the first)
+    rollout_anchor_p: float = 0.0  # share of rollouts finished from the real chunks noised to rollout_anchor_t
+    rollout_anchor_t: float = 0.8
     distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 8

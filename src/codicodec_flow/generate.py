@@ -178,8 +178,22 @@ class StreamGenerator:
         alone (with a live input the performer's audio, not the model's guess, becomes that moment's context)."""
         x1 = self.cfg.temperature * self._noise()  # (B, 8, 64)
         self.last_noise = x1
-        x0 = integrate(self.velocity, x1, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
-                       self.noise_generator, noise_scale=self.cfg.temperature)
+        return self._finish(x1, 1.0, as_context)
+
+    @torch.inference_mode()
+    def next_chunk_from(self, latents: torch.Tensor, t: float, as_context: bool = True) -> torch.Tensor:
+        """The next chunk finished from given raw latents (B, 8, 64) noised to time t in (0, 1]: the model
+        redraws them against the cache, keeping more of them the smaller t is (t = 1 is a fresh chunk).
+        Rollout training's anchored chunks are made this way (rollout.py)."""
+        z = normalise(latents.float().cpu(), self.stats).to(self.device)
+        x_t = (1 - t) * z + t * self.cfg.temperature * self._noise()  # (B, 8, 64)
+        return self._finish(x_t, t, as_context)
+
+    def _finish(self, x_t: torch.Tensor, t: float, as_context: bool) -> torch.Tensor:
+        """Integrate a chunk from x(t) to 0 against the cache, keep it (as context unless told not to), and return
+        it as raw codec latents (B, 8, 64) on the CPU."""
+        x0 = integrate(self.velocity, x_t, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
+                       self.noise_generator, noise_scale=self.cfg.temperature, t_start=t)
         x0 = self.shape_output(x0)
         if as_context:
             self.add_context(x0)

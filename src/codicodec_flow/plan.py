@@ -67,8 +67,9 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
-    # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0
-    saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, **saved["train"]}
+    # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0,
+    # one saved before anchored rollouts with free ones only
+    saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
@@ -108,12 +109,14 @@ def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy
 
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:
-    """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe, --rollout-start)."""
+    """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe, --rollout-start,
+    --rollout-anchor-p, --rollout-anchor-t)."""
     get_solver(cfg.rollout_solver)  # FlowError naming the choices
     if not 0.0 <= cfg.rollout_start < 1.0:
         raise FlowError(f"--rollout-start must lie in [0, 1) (a fraction of --max-steps), got {cfg.rollout_start}")
     try:
-        return RolloutConfig(p=cfg.rollout_p, solver=cfg.rollout_solver, nfe=cfg.rollout_nfe)
+        return RolloutConfig(p=cfg.rollout_p, solver=cfg.rollout_solver, nfe=cfg.rollout_nfe,
+                             anchor_p=cfg.rollout_anchor_p, anchor_t=cfg.rollout_anchor_t)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
 

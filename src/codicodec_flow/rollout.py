@@ -14,6 +14,13 @@ trained to pull a drifting stream back to the data. Chunks before P see real con
 training, which keeps the model's use of a real prompt. The rollout runs exactly as generation does
 (prefill, one cached chunk at a time, the same solver and context noise), at constant cost per chunk,
 without gradients (only the final denoising step is trained, against the generated past).
+
+Anchored rollouts (a share anchor_p of them): each rolled-out chunk is not drawn from fresh noise but
+finished by the model from the real chunk noised to anchor_t (StreamGenerator.next_chunk_from). The context
+still carries the model's own errors, chunk after chunk, but keeps the real music's level and motion, so a
+real target is what such a past is followed by. Free rollouts alone teach the model to expect the collection's
+average after its own past (that pull stops the drift but narrows the continuations); mixing both keeps the
+pull against drift and most of the spread (README, evaluation).
 """
 from __future__ import annotations
 
@@ -34,10 +41,16 @@ class RolloutConfig:
     solver: str = "midpoint"  # the rollout's sampler: the live default, where drift hurts most
     nfe: int = 4
     min_prompt: int = 1  # real chunks before the rollout starts (at least 1: a rollout continues something)
+    anchor_p: float = 0.0  # share of rollouts whose chunks are finished from the real chunks noised to anchor_t
+    anchor_t: float = 0.8
 
     def __post_init__(self):
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"--rollout-p must lie in [0, 1], got {self.p}")
+        if not 0.0 <= self.anchor_p <= 1.0:
+            raise ValueError(f"--rollout-anchor-p must lie in [0, 1], got {self.anchor_p}")
+        if not 0.0 < self.anchor_t <= 1.0:
+            raise ValueError(f"--rollout-anchor-t must lie in (0, 1], got {self.anchor_t}")
         if self.min_prompt < 1 or self.nfe < 1:
             raise ValueError("--rollout-nfe and the rollout's prompt must be at least 1")
 
@@ -46,13 +59,15 @@ class RolloutConfig:
 def rollout_context(model: FlowDiT, x: torch.Tensor, cfg: RolloutConfig, context_noise: float,
                     generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """Normalised crops x (B, n * 8, 64) -> (context (B, n * 8, 64): real chunks 0..P-1, then the model's own
-    chunks P..n-1; P). P is drawn from [min_prompt, n - 1] with `generator`, as is the rollout's noise."""
+    chunks P..n-1; P). P is drawn from [min_prompt, n - 1] with `generator`, as are the rollout's noise and
+    whether it is anchored (only when anchor_p > 0: runs without anchors draw what they always drew)."""
     T = model.cfg.chunk_tokens
     B, n = x.shape[0], x.shape[1] // T
     if n - cfg.min_prompt < 1:
         return x, n  # nothing left to roll out
     P = int(torch.randint(cfg.min_prompt, n, (), generator=generator))
     seed = int(torch.randint(0, 2**62, (), generator=generator))
+    anchored = cfg.anchor_p > 0 and float(torch.rand((), generator=generator)) < cfg.anchor_p
     sample = SampleConfig(solver=cfg.solver, nfe=cfg.nfe, context_noise=context_noise, seed=seed, num_samples=B)
     was_training = model.training
     model.eval()
@@ -60,7 +75,11 @@ def rollout_context(model: FlowDiT, x: torch.Tensor, cfg: RolloutConfig, context
         gen = StreamGenerator(model, LatentStats.identity(), sample, x.device)
         chunks = x.view(B, n, T, -1)  # (B, n, 8, 64)
         gen.prefill(chunks[:, :P].cpu())
-        rolled = gen.generate(n - P).to(x.device, x.dtype)  # (B, n - P, 8, 64), as generation makes them
+        if anchored:  # each chunk redrawn from its real one noised to anchor_t, against the rolled-out past
+            rolled = torch.stack([gen.next_chunk_from(chunks[:, j].cpu(), cfg.anchor_t) for j in range(P, n)], dim=1)
+        else:
+            rolled = gen.generate(n - P)  # (B, n - P, 8, 64), as generation makes them
+        rolled = rolled.to(x.device, x.dtype)
     finally:
         model.train(was_training)
     return torch.cat([chunks[:, :P], rolled], dim=1).view_as(x), P

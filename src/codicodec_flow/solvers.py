@@ -214,11 +214,16 @@ def spent_nfe(solver: str, nfe: int) -> int:
 
 
 def integrate(velocity: Velocity, x1: Tensor, solver: str, n_steps: int, schedule: str = "linear",
-              shift: float = 1.0, generator: torch.Generator | None = None, noise_scale: float = 1.0) -> Tensor:
+              shift: float = 1.0, generator: torch.Generator | None = None, noise_scale: float = 1.0,
+              t_start: float = 1.0) -> Tensor:
     """Sample x0 from noise x1 (B, L, D) with the named solver over a fresh schedule.
 
     noise_scale scales the noise a stochastic solver re-injects (deterministic solvers have none).
+    t_start < 1 starts the trajectory part way: x1 then holds x(t_start), and the schedule is scaled to run
+    from t_start to 0 in the same number of steps (finishing a partly noised chunk).
     """
+    if not 0.0 < t_start <= 1.0:
+        raise FlowError(f"t_start must lie in (0, 1], got {t_start}")
     spec = get_solver(solver)
     extra = {"noise_scale": noise_scale} if spec.stochastic else {}
-    return spec.fn(velocity, x1, make_schedule(n_steps, schedule, shift), generator=generator, **extra)
+    return spec.fn(velocity, x1, make_schedule(n_steps, schedule, shift) * t_start, generator=generator, **extra)

@@ -37,6 +37,11 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--rollout-nfe", "rollout_nfe", int, "evaluations per rolled-out chunk"),
     ("--rollout-start", "rollout_start", finite_float, "fraction of --max-steps after which rollout steps are mixed "
                                                        "in: a closing stage of the same run (0: from the first step)"),
+    ("--rollout-anchor-p", "rollout_anchor_p", finite_float, "share of rollouts whose chunks the model finishes from "
+                                                             "the real chunks noised to --rollout-anchor-t: a past "
+                                                             "with its own errors at the music's level (0: none)"),
+    ("--rollout-anchor-t", "rollout_anchor_t", finite_float, "noise level anchored chunks start from (1: a fresh "
+                                                             "chunk, like a free rollout's)"),
     ("--distill-from", "distill_from", str, "teacher checkpoint (ema.pt): train a few-step student on the teacher's "
                                             "own samples (post-training; starts from the teacher's weights unless "
                                             "--init-from names others)"),
