@@ -96,6 +96,12 @@ def test_spread_ratio_known_answers():
     assert SpreadBand.verdict(1.3, SpreadBand().segment) == "too wide"
 
 
+def test_a_spread_just_outside_the_band_never_prints_as_its_edge():
+    band = SpreadBand().continuation  # (0.9, 1.1)
+    assert [SpreadBand.show(v, band) for v in (0.897, 0.8951, 1.104, 0.9, 0.903, 0.58)] == \
+        ["0.897", "0.895", "1.104", "0.90", "0.90", "0.58"]
+
+
 def test_drift_flags_a_washed_out_rollout_and_not_a_faithful_one():
     """Real segments vary less than the whole collection: spread is judged against them, not the whole."""
     g = torch.Generator().manual_seed(0)

@@ -132,6 +132,14 @@ class SpreadBand:
         lo, hi = band
         return "washed out" if value < lo else "too wide" if value > hi else "faithful"
 
+    @staticmethod
+    def show(value: float, band: tuple[float, float]) -> str:
+        """A spread ratio for people: two decimals, or three where two would put it on a band edge it lies outside
+        of (0.897 is washed out against 0.9; printed as 0.90 it would read as faithful)."""
+        short = f"{value:.2f}"
+        outside = value < band[0] or value > band[1]
+        return f"{value:.3f}" if outside and float(short) in band else short
+
 
 @dataclass(frozen=True)
 class DriftLimits:
@@ -202,10 +210,10 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Ten
         narrow = [s["spread"] for s in segs if s["spread"] < lo]
         wide = [s["spread"] for s in segs if s["spread"] > hi]
         if narrow:
-            reasons.append(f"washed out: spread down to {min(narrow):.2f}x real music's in {len(narrow)} of "
+            reasons.append(f"washed out: spread down to {SpreadBand.show(min(narrow), limits.spread)}x real music's in {len(narrow)} of "
                            f"{len(segs)} segments (faithful: {lo}-{hi})")
         if wide:
-            reasons.append(f"too wide: spread up to {max(wide):.2f}x real music's in {len(wide)} of {len(segs)} "
+            reasons.append(f"too wide: spread up to {SpreadBand.show(max(wide), limits.spread)}x real music's in {len(wide)} of {len(segs)} "
                            f"segments (faithful: {lo}-{hi})")
     spreads = [s["spread"] for s in segs]
     return {"finite": finite, "streams": streams.shape[0], "segments": segs, "real_segment_fd": baseline,
