@@ -117,7 +117,7 @@ PRECISIONS = ("fp32", "int8")
 class SampleConfig:
     """How chunks are drawn. Every sampling default lives here; the commands build their flags from it."""
     solver: str = "heun"
-    nfe: int = 8  # model evaluations per chunk, rounded to whole steps of the solver (solvers.steps_for)
+    nfe: int = 16  # model evaluations per chunk, rounded to whole steps of the solver (solvers.steps_for)
     schedule: str = "linear"
     schedule_shift: float = 1.0
     temperature: float = 1.0  # scale of the starting noise (and of pingpong's re-injected noise)
