@@ -19,8 +19,9 @@ Anchored rollouts (a share anchor_p of them): each rolled-out chunk is not drawn
 finished by the model from the real chunk noised to anchor_t (StreamGenerator.next_chunk_from). The context
 still carries the model's own errors, chunk after chunk, but keeps the real music's level and motion, so a
 real target is what such a past is followed by. Free rollouts alone teach the model to expect the collection's
-average after its own past (that pull stops the drift but narrows the continuations); mixing both keeps the
-pull against drift and most of the spread (README, evaluation).
+average after its own past: that pull stops the drift but narrows the continuations. Half anchored, half free
+widened heun continuations and kept their rollouts stable on held-out music, but let the live sampler's
+streams wash out, so anchors are off by default (README, evaluation).
 """
 from __future__ import annotations
 

@@ -256,8 +256,8 @@ def summary(report: dict) -> list[str]:
         f, r, rr = c["frechet"], c["relatedness"], c["relatedness_real"]
         parts = c["spread_parts"]
         band = SpreadBand().continuation
-        lines.append(f"continuations: spread {SpreadBand.show(c['spread'], band)}x the real ones ({c['spread_verdict']}; "
-                     f"faithful {band[0]}-{band[1]}; within a continuation "
+        lines.append(f"continuations: spread {SpreadBand.show(c['spread'], band)}x the real ones "
+                     f"({c['spread_verdict']}; faithful {band[0]}-{band[1]}; within a continuation "
                      f"{parts['within']:.2f}x, between prompts {parts['between']:.2f}x); FD token {f['fd_token']:.3f}, "
                      f"FD chunk {f['fd_chunk']:.3f}; prompt relatedness ratio {r['ratio']:.2f} (real continuations "
                      f"{rr['ratio']:.2f}; below 1 = follows its prompt)")

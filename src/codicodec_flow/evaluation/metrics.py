@@ -210,11 +210,11 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Ten
         narrow = [s["spread"] for s in segs if s["spread"] < lo]
         wide = [s["spread"] for s in segs if s["spread"] > hi]
         if narrow:
-            reasons.append(f"washed out: spread down to {SpreadBand.show(min(narrow), limits.spread)}x real music's in {len(narrow)} of "
-                           f"{len(segs)} segments (faithful: {lo}-{hi})")
+            reasons.append(f"washed out: spread down to {SpreadBand.show(min(narrow), limits.spread)}x real music's in "
+                           f"{len(narrow)} of {len(segs)} segments (faithful: {lo}-{hi})")
         if wide:
-            reasons.append(f"too wide: spread up to {SpreadBand.show(max(wide), limits.spread)}x real music's in {len(wide)} of {len(segs)} "
-                           f"segments (faithful: {lo}-{hi})")
+            reasons.append(f"too wide: spread up to {SpreadBand.show(max(wide), limits.spread)}x real music's in "
+                           f"{len(wide)} of {len(segs)} segments (faithful: {lo}-{hi})")
     spreads = [s["spread"] for s in segs]
     return {"finite": finite, "streams": streams.shape[0], "segments": segs, "real_segment_fd": baseline,
             "real_segment_std_ratio": real_spread,
