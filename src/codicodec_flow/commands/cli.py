@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import FlowError
+from ..util.devices import flush_denormals
 from ..util.logs import show_logs
 from . import bench, demo, evaluate, export, preprocess, realtime, sample, smoke, train
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user-facing error is one line on stderr and exit status 2, Ctrl-C is 130."""
+    flush_denormals()  # every command: training's first steps and a live stream must not stall on subnormals
     args = build_parser().parse_args(argv)
     show_logs()
     try:

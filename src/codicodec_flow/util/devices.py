@@ -62,6 +62,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def flush_denormals() -> bool:
+    """Treat subnormal floats (below 1.2e-38 in float32) as zero on the CPU, as audio software does; returns whether
+    this CPU can (torch.set_flush_denormal: flush-to-zero and denormals-are-zero).
+
+    An arithmetic operation that meets a subnormal operand or result takes a slow microcoded path. A fresh model
+    meets them: adaLN-Zero starts its modulations at zero, so in the first steps one 256 x 2304 x 384 product of the
+    small model's backward took 96 ms instead of 2 (bench, 2-core Xeon: the step 1.9 s, flushed 1.1 s). Values that
+    small carry nothing a float32 network can use.
+    """
+    return torch.set_flush_denormal(True)
+
+
 def live_threads() -> int:
     """torch's intra-op threads for live generation: half the CPU cores this process may use, 1 to 4.
 
