@@ -106,7 +106,7 @@ def test_bench_times_int8_beside_fp32(tmp_path, capsys, monkeypatch, min_dim):
 
 def test_training_figure_times_the_step_train_runs(monkeypatch):
     """bench's training figure is train.optimiser_step (train's AdamW settings, gradient clipping, EMA), with
-    --train-noisy-chunks as train --noisy-chunks; --train-only measures nothing else."""
+    --train-noisy-chunks and --train-noisy-share as train's flags; --train-only measures nothing else."""
     from codicodec_flow import train
     from codicodec_flow.evaluation import bench
     assert bench.optimiser_step is train.optimiser_step
@@ -131,8 +131,11 @@ def test_training_figure_times_the_step_train_runs(monkeypatch):
 def test_bench_cli_training_only(capsys):
     assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--train-only", "--train-steps", "1", "--train-batch",
                  "2", "--train-crop", "32"]) == 0
-    out = capsys.readouterr().out
-    assert "train's optimiser step" in out and "4 of 4" in out and "seconds per chunk" not in out
+    out = capsys.readouterr().out  # train's default share: a quarter of the crop's 4 chunks
+    assert "train's optimiser step" in out and "1 of 4" in out and "seconds per chunk" not in out
+    assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--train-only", "--train-steps", "1", "--train-batch",
+                 "2", "--train-crop", "32", "--train-noisy-share", "1"]) == 0
+    assert "4 of 4" in capsys.readouterr().out
     assert main(["bench", "--device", "cpu", "--sizes", "tiny", "--train-only", "--train-crop", "32",
                  "--train-noisy-chunks", "5"]) == 2
     assert "--train-noisy-chunks 5: give 1 to 4" in capsys.readouterr().err

@@ -67,7 +67,8 @@ def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(
     """On an AR(1) process (spread 1), a tiny model trained by teacher forcing drifts wide in its own rollouts.
     The same number of further steps with rollouts brings the spread back toward 1; plain steps do not."""
     data = write_latent_dir(tmp_path / "lat", {f"f{i}.wav": ar_latents(400, rho=0.9, seed=i) for i in range(4)})
-    common = dict(batch_size=8, crop_tokens=64, val_every=0, log_every=100, ema_decay=0.5, val_fraction=0.0)
+    common = dict(batch_size=8, crop_tokens=64, val_every=0, log_every=100, ema_decay=0.5, val_fraction=0.0,
+                  noisy_share=1.0)  # every chunk a target, as when this case was calibrated
     run_train(tiny_run(data, tmp_path / "base", flow={"t_dist": "logit_normal"}, max_steps=200, lr=2e-3,
                        warmup_steps=10, rollout_p=0.0, **common))  # the fine-tunes keep its logit-normal times
     base = rollout_spread(tmp_path / "base" / "ema.pt")

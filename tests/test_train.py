@@ -8,10 +8,11 @@ import torch
 
 from codicodec_flow.checkpoint import load_bundle, load_checkpoint
 from codicodec_flow.commands.cli import main
+from codicodec_flow.config import MODEL_PRESETS
 from codicodec_flow.data.dataset import load_latents, validation_crops
 from codicodec_flow.errors import CheckpointError, FlowError
 from codicodec_flow.flow import validation_loss
-from codicodec_flow.plan import plan_run
+from codicodec_flow.plan import noisy_count, plan_run
 from codicodec_flow.train import run_train
 from conftest import ar_latents, write_latent_dir
 
@@ -359,4 +360,45 @@ def test_noisy_chunks_trains_and_refuses_bad_values(ar_data, tmp_path, capsys):
             run_train(tiny_run(ar_data, tmp_path / f"bad{bad}", noisy_chunks=bad))
     assert main(["train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "d"), "--device", "cpu", "--no-tui",
                  "--crop-tokens", "64", "--noisy-chunks", "2", "--distill-from", str(tmp_path / "run" / "ema.pt")]) == 2
-    assert "--noisy-chunks with --distill-from" in capsys.readouterr().err
+    assert "below all with --distill-from" in capsys.readouterr().err
+
+
+def test_noisy_share_sets_the_noisy_chunks_of_each_step(ar_data, tmp_path, monkeypatch):
+    """By default a quarter of each crop's chunks (rounded, at least one) enter the noisy stream; --noisy-share 1 trains
+    all, --noisy-chunks K overrides the share, giving both is refused, a share outside (0, 1] too; a student trains all
+    its teacher's chunks unless told otherwise."""
+    import codicodec_flow.train as train_module
+    seen = []
+    real = train_module.training_batch
+
+    def spy(*args):
+        batch = real(*args)
+        seen.append(batch.t.shape[1])  # (B, K): the noisy chunks this micro-batch trains
+        return batch
+
+    monkeypatch.setattr(train_module, "training_batch", spy)
+    cases = (({}, 2), ({"noisy_share": 1.0}, 8), ({"noisy_share": 0.3}, 2), ({"noisy_share": 0.01}, 1),
+             ({"noisy_chunks": 5}, 5))
+    for i, (over, k) in enumerate(cases):
+        seen.clear()
+        run_train(tiny_run(ar_data, tmp_path / f"run{i}", max_steps=2, val_every=99, **over))
+        assert seen == [k, k], (over, seen)
+    assert noisy_count(tiny_run(ar_data, tmp_path / "x", crop_tokens=768).train, MODEL_PRESETS["tiny"]) == 24
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(FlowError, match=f"--noisy-share {bad}: give a share in"):
+            run_train(tiny_run(ar_data, tmp_path / f"bad{bad}", noisy_share=bad))
+    with pytest.raises(FlowError, match="--noisy-chunks and --noisy-share both"):
+        tiny_run(ar_data, tmp_path / "both", noisy_chunks=2, noisy_share=0.5)
+    teacher = tmp_path / "run0" / "ema.pt"
+    assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher).train.noisy_share == 1.0
+
+
+def test_a_run_saved_before_noisy_share_resumes_with_all_its_chunks(ar_data, tmp_path):
+    """A checkpoint written before --noisy-share existed trained every chunk: its run goes on so, not with the default."""
+    out = tmp_path / "old"
+    run_train(tiny_run(ar_data, out, noisy_share=1.0), stop_at=2)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["config"]["train"]["noisy_share"]
+    torch.save(ckpt, out / "last.pt")
+    assert tiny_run(ar_data, out, resume=True).train.noisy_share == 1.0
+    assert tiny_run(ar_data, tmp_path / "new").train.noisy_share == 0.25

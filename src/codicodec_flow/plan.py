@@ -41,8 +41,11 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     its flow config unless given) or resumed (the checkpoint's configs; given flags, a given preset included,
     must agree with them)."""
     train = TrainConfig(**train_given)
-    if train.distill_from is not None and "rollout_p" not in train_given:
-        train = replace(train, rollout_p=0.0)  # a student learns its teacher's samples: rollout steps only if asked
+    if train.distill_from is not None:  # a student learns its teacher's samples: rollout steps only if asked, and
+        train = replace(train, rollout_p=train_given.get("rollout_p", 0.0),  # the teacher samples every chunk
+                        noisy_share=train_given.get("noisy_share", 1.0))
+    if "noisy_chunks" in train_given and "noisy_share" in train_given:
+        raise FlowError("--noisy-chunks and --noisy-share both say how many noisy chunks a crop trains: give one")
     last = Path(train.out_dir) / LAST
     if preset is not None and preset not in MODEL_PRESETS:
         raise FlowError(f"unknown model preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
@@ -68,8 +71,9 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
     # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0,
-    # one saved before anchored rollouts with free ones only
-    saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, **saved["train"]}
+    # one saved before anchored rollouts with free ones only, one saved before --noisy-share with all its chunks
+    saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, "noisy_share": 1.0,
+                   **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
@@ -97,15 +101,27 @@ def _shape_mismatch(saved_model: dict, model_given: dict, preset: str | None) ->
     return problems
 
 
+def noisy_count(cfg: TrainConfig, mcfg: ModelConfig) -> int | None:
+    """The noisy chunks a micro-batch trains: --noisy-chunks, else --noisy-share of the crop's chunks (at least one,
+    rounded); None when that is all of them (flow.make_batch then draws nothing)."""
+    n = cfg.crop_tokens // mcfg.chunk_tokens
+    k = cfg.noisy_chunks or max(1, round(cfg.noisy_share * n))
+    return None if k >= n else k
+
+
 def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy-chunks") -> None:
-    """--noisy-chunks: 0 (all) or 1 up to the crop's chunks; not with distillation, whose teacher samples them all."""
+    """--noisy-chunks: 1 up to the crop's chunks (0: --noisy-share decides), --noisy-share in (0, 1]; fewer than all
+    not with distillation, whose teacher samples them all."""
     n = cfg.crop_tokens // mcfg.chunk_tokens
     if not 0 <= cfg.noisy_chunks <= n:
         raise FlowError(f"{flag} {cfg.noisy_chunks}: give 1 to {n} (the chunks of a {cfg.crop_tokens}-token "
-                        f"crop), or 0 to train them all")
-    if cfg.noisy_chunks and cfg.noisy_chunks < n and cfg.distill_from is not None:
-        raise FlowError("--noisy-chunks with --distill-from is not supported: the teacher samples every chunk of the "
-                        "noisy stream; leave --noisy-chunks out")
+                        f"crop), or 0 to let {flag.replace('chunks', 'share')} decide")
+    if not 0.0 < cfg.noisy_share <= 1.0:
+        raise FlowError(f"{flag.replace('chunks', 'share')} {cfg.noisy_share}: give a share in (0, 1] of the crop's "
+                        f"chunks (1: all)")
+    if noisy_count(cfg, mcfg) is not None and cfg.distill_from is not None:
+        raise FlowError("--noisy-chunks or --noisy-share below all with --distill-from is not supported: the teacher "
+                        "samples every chunk of the noisy stream; leave them out")
 
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:

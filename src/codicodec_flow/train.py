@@ -34,7 +34,7 @@ from .errors import CheckpointError, FlowError
 from .flow import flow_loss, training_batch, validation_loss
 from .generate import StreamGenerator
 from .model import FlowDiT
-from .plan import Run, distill_config, noisy_chunks_check, rollout_config, rollout_first_step
+from .plan import Run, distill_config, noisy_chunks_check, noisy_count, rollout_config, rollout_first_step
 from .rollout import rollout_context
 from .util.dashboard import Monitor, QuietMonitor
 from .util.devices import autocast, autocast_dtype, resolve_device
@@ -187,7 +187,7 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
         g = mb.generator()
         context = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
         batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context,
-                               cfg.noisy_chunks or None).to(tr.device)
+                               noisy_count(cfg, mcfg)).to(tr.device)
         if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
             with autocast(tr.device, tr.amp):
                 batch = distill_batch(tr.teacher, batch, distill_config(cfg))

@@ -13,7 +13,7 @@ from ..errors import FlowError
 from ..evaluation.bench import BenchConfig, run_bench
 from ..realtime.ort_backend import BACKENDS
 from ..util.fsutil import write_text_atomic
-from .flags import add_device, add_threads
+from .flags import add_device, add_threads, finite_float
 
 
 def register(sub) -> None:
@@ -35,7 +35,11 @@ def register(sub) -> None:
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 on GPUs, 1 on CPU)")
     p.add_argument("--train-crop", type=int, default=None, help="training crop tokens (default 768 on GPUs, 128 on CPU)")
     p.add_argument("--train-noisy-chunks", type=int, default=d.train_noisy_chunks, metavar="K",
-                   help="noisy chunks trained per crop in the training figure, as train --noisy-chunks (default 0: all)")
+                   help="noisy chunks trained per crop in the training figure, as train --noisy-chunks (default 0: "
+                        "as --train-noisy-share says)")
+    p.add_argument("--train-noisy-share", type=finite_float, default=d.train_noisy_share, metavar="F",
+                   help=f"share of each crop's chunks trained as noisy chunks in the training figure, as train "
+                        f"--noisy-share (default {d.train_noisy_share:g}, train's; 1: all)")
     p.add_argument("--train-only", action="store_true",
                    help="only the training figure (no generation, long stream or realtime engine)")
     p.add_argument("--realtime-chunks", type=int, default=d.realtime_chunks,
@@ -62,7 +66,7 @@ def run(a: argparse.Namespace) -> int:
                           tuple(int(x) for x in a.nfes.split(",")), a.context_chunks, a.measure_chunks, a.rerun_chunks,
                           a.long_chunks, a.codec, a.train_steps, a.train_batch, a.train_crop, a.realtime_chunks,
                           a.threads, a.competing_load, tuple(a.backends.split(",")), tuple(a.precisions.split(",")),
-                          a.train_noisy_chunks, a.train_only)
+                          a.train_noisy_chunks, a.train_noisy_share, a.train_only)
     except ValueError:
         raise FlowError(f"--nfes must be comma-separated integers, got {a.nfes!r}") from None
     if cfg.competing_load < 0 or (cfg.threads is not None and cfg.threads < 1):

@@ -29,7 +29,9 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--num-workers", "num_workers", int, "background processes that read the crops ahead (0: the training process "
                                           "reads them); the crops are the same either way"),
     ("--noisy-chunks", "noisy_chunks", int, "noisy chunks trained per crop, drawn at random: a cheaper step, each "
-                                            "still seeing its whole context (0: all)"),
+                                            "still seeing its whole context (0: as --noisy-share says)"),
+    ("--noisy-share", "noisy_share", finite_float, "share of each crop's chunks trained as noisy chunks, drawn at "
+                                                   "random (1: all; 1 with --distill-from)"),
     ("--rollout-p", "rollout_p", finite_float, "share of steps (from --rollout-start on) whose context is the model's "
                                                "own cached continuation of the crop's real opening, against drift "
                                                "(0: off; 0 with --distill-from unless given)"),

@@ -33,7 +33,7 @@ from ..realtime.state import Controls
 from ..solvers import get_solver
 from ..streams import KERNEL_AUTO
 from ..packing import is_packed
-from ..plan import Run, noisy_chunks_check
+from ..plan import Run, noisy_chunks_check, noisy_count
 from ..train import Trainer, fresh_state, optimiser_step
 from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 
@@ -59,7 +59,8 @@ class BenchConfig:
     competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
     backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's
     precisions: tuple[str, ...] = ("fp32",)  # torch generation figures per weight precision (int8: quantize.py)
-    train_noisy_chunks: int = 0  # noisy chunks per crop in the training figure, as train --noisy-chunks (0: all)
+    train_noisy_chunks: int = 0  # noisy chunks per crop in the training figure, as train --noisy-chunks (0: the share)
+    train_noisy_share: float = TrainConfig.noisy_share  # as train --noisy-share: train's default unless given
     train_only: bool = False  # only the training figure: no generation, long stream or realtime engine
 
 
@@ -247,7 +248,8 @@ def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
     crop = cfg.train_crop or (768 if gpu else 128)
     n = crop // TOKENS_PER_CHUNK
     tcfg = TrainConfig(data_dir="", out_dir="", device=str(device), batch_size=batch, crop_tokens=crop,
-                       noisy_chunks=cfg.train_noisy_chunks, max_steps=cfg.train_steps + 1, rollout_p=0.0)
+                       noisy_chunks=cfg.train_noisy_chunks, noisy_share=cfg.train_noisy_share,
+                       max_steps=cfg.train_steps + 1, rollout_p=0.0)
     run = Run(tcfg, MODEL_PRESETS[size], FlowConfig(), None)
     noisy_chunks_check(tcfg, run.model, "--train-noisy-chunks")
     tr = bench_trainer(run, device, amp)
@@ -267,7 +269,7 @@ def bench_training(size: str, cfg: BenchConfig, device, amp) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else memory_mb(device))
     step_s = _median(times)
-    return {"size": size, "batch": batch, "crop_tokens": crop, "noisy_chunks": tcfg.noisy_chunks or n,
+    return {"size": size, "batch": batch, "crop_tokens": crop, "noisy_chunks": noisy_count(tcfg, run.model) or n,
             "dtype": "bf16" if amp else "fp32", "attention": attention_kernel(device), "step_s": step_s,
             "tokens_per_s": batch * crop / step_s, "peak_memory_mb": peak}
 
