@@ -32,6 +32,32 @@ def test_cached_generation_equals_window_rerun_while_history_fits(model):
     torch.testing.assert_close(za, zb, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("prompt_noise", [0.0, 0.3])
+def test_the_prompt_enters_at_its_own_noise_level(model, prompt_noise):
+    """The prompt is real music: it becomes context at prompt_noise (default 0: exactly as it is), the model's own
+    chunks at context_noise; the cache and the re-run reference agree on both levels, and the stream's noise does
+    not depend on them (a prompt level equal to the context level is what generation did before)."""
+    assert SampleConfig().prompt_noise == 0.0
+    prompt = torch.randn(2, 8, 64)
+    kw = dict(num_samples=2, seed=3, context_noise=0.1, prompt_noise=prompt_noise)
+    a, b = gen(model, **kw), gen(model, WindowRerunGenerator, **kw)
+    a.prefill(prompt)
+    b.prefill(prompt)
+    z = (prompt - STATS.mean) / STATS.std  # normalised
+    noise = b.context - (1 - prompt_noise) * z  # prompt_noise * the noise drawn
+    if prompt_noise == 0:
+        torch.testing.assert_close(b.context, z.expand(2, -1, -1, -1))  # exactly the prompt
+    else:
+        assert noise.abs().mean() > 0.1
+    assert b.levels == [prompt_noise, prompt_noise]
+    torch.testing.assert_close(a.generate(1), b.generate(1), atol=1e-4, rtol=0)
+    assert b.levels == [prompt_noise, prompt_noise, 0.1]
+    c, d = gen(model, **{**kw, "prompt_noise": 0.1}), gen(model, **kw)  # the levels change the context, not the
+    c.prefill(prompt)  # noise drawn after it
+    d.prefill(prompt)
+    assert torch.equal(c._noise(), d._noise())
+
+
 def test_constant_memory_and_flat_state_over_a_long_stream(model):
     g = gen(model, nfe=1)
     ptrs = (g.cache.k.data_ptr(), g.cache.v.data_ptr(), g.cache.k.shape)
@@ -45,8 +71,8 @@ def test_constant_memory_and_flat_state_over_a_long_stream(model):
 class Unjoined(StreamGenerator):
     """Every context chunk in a pass of its own: the reference for the joined pass."""
 
-    def _append(self, ctx):
-        super()._append(ctx)
+    def _append(self, ctx, s=None):
+        super()._append(ctx, s)
         self.flush()
 
 

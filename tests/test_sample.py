@@ -111,6 +111,7 @@ def no_work(monkeypatch):
     ("--duration-s", "1e9", "at most 14400"), ("--duration-s", "-1", "more than 0"),
     ("--temperature", "nan", "finite number"), ("--cfg-scale", "inf", "finite number"),
     ("--context-noise", "nan", "finite number"), ("--schedule-shift", "-inf", "finite number"),
+    ("--prompt-noise", "nan", "finite number"), ("--prompt-noise", "1.5", "--prompt-noise must lie in [0, 1)"),
 ])
 def test_non_finite_and_absurd_numbers_are_refused_up_front(ckpt, tmp_path, capsys, no_work, flag, value, said):
     assert _code(sample, ckpt, tmp_path / "o.wav", f"{flag}={value}") == 2

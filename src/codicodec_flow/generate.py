@@ -2,7 +2,9 @@
 
 Per chunk: draw noise x(1) = temperature * eps, integrate the flow ODE to t = 0 evaluating only the
 new chunk's 8 tokens against the cache, then add the finished chunk, lightly re-noised to
-`context_noise` (the level the model was trained to expect on its context), to the cache as context.
+`context_noise` (a level the model was trained to expect on its context: it keeps a stream from feeding on
+its own errors), to the cache as context. The prompt is real music and goes in at `prompt_noise` (0 by
+default: exactly as it is, so a continuation keeps its prompt's character).
 That addition rides along the next chunk's first evaluation (one pass, one read of the weights:
 NFE passes per chunk instead of NFE + 1); `flush()` makes it at once. Memory and time per chunk stay
 flat however long the stream runs. A cache made ready for rewinding (`reserve_rewind`) lets several context
@@ -47,7 +49,8 @@ class StreamGenerator:
         self.chunks_done = 0
         self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
         self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk
-        self._pending: list[torch.Tensor] = []  # context chunks (B, 8, 64) waiting to join the next pass
+        self._pending: list[tuple[torch.Tensor, float]] = []  # context chunks (B, 8, 64) and their noise levels
+        # waiting to join the next pass
 
     @property
     def evals(self) -> int:
@@ -79,16 +82,16 @@ class StreamGenerator:
     def _times(self, value: float) -> torch.Tensor:
         return torch.full((self.batch, self.tokens), value, device=self.device)
 
-    def _to_context(self, x: torch.Tensor) -> torch.Tensor:
-        """A finished, normalised chunk (B, 8, 64) lightly re-noised to context_noise, as training saw context."""
-        s = self.cfg.context_noise
+    def _to_context(self, x: torch.Tensor, s: float) -> torch.Tensor:
+        """A finished, normalised chunk (B, 8, 64) lightly re-noised to level s, as training saw context (the noise
+        is drawn at every level, 0 included, so the stream's noise does not depend on the levels)."""
         return (1 - s) * x + s * self._noise()
 
     @torch.inference_mode()
     def add_context(self, x: torch.Tensor) -> torch.Tensor:
         """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache.
         Returns the re-noised chunk, which add_noised_context puts back exactly (after a rewind)."""
-        ctx = self._to_context(x)
+        ctx = self._to_context(x, self.cfg.context_noise)
         self._append(ctx)
         return ctx
 
@@ -97,11 +100,12 @@ class StreamGenerator:
         """A chunk add_context already re-noised (B, 8, 64), as the newest context again."""
         self._append(ctx)
 
-    def _append(self, ctx: torch.Tensor) -> None:
-        """Queue a re-noised context chunk: it joins the cache in the next chunk's first pass (or at flush())."""
+    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
+        """Queue a context chunk re-noised to level s (None: context_noise): it joins the cache in the next chunk's
+        first pass (or at flush())."""
         if len(self._pending) >= max(1, self.cache.scratch - 2):  # room for the new chunk and its unguided twin
             self.flush()
-        self._pending.append(ctx)
+        self._pending.append((ctx, self.cfg.context_noise if s is None else s))
 
     @property
     def context_length(self) -> int:
@@ -125,8 +129,7 @@ class StreamGenerator:
     def _joining(self) -> list[Chunk]:
         """The queued context chunks as the leading chunks of a pass, and the queue emptied."""
         ctx, self._pending = self._pending, []
-        s = self.cfg.context_noise
-        return [Chunk(c, self._times(s), self.modulations(s), "context") for c in ctx]
+        return [Chunk(c, self._times(s), self.modulations(s), "context") for c, s in ctx]
 
     @torch.inference_mode()
     def flush(self) -> None:
@@ -136,16 +139,17 @@ class StreamGenerator:
             with autocast(self.device, self.amp):
                 self.model.append_chunks(join, self.cache)
 
-    def _append_many(self, ctx: torch.Tensor) -> None:
-        """Context chunks (B, n, 8, 64): one batched prefill pass into an empty cache, else one append each."""
+    def _append_many(self, ctx: torch.Tensor, s: float) -> None:
+        """Context chunks (B, n, 8, 64) at noise level s: one batched prefill pass into an empty cache, else one
+        append each."""
         self.flush()
         if self.cache.n == 0:
-            times = torch.full(ctx.shape[:2], self.cfg.context_noise, device=self.device).repeat_interleave(self.tokens, 1)
+            times = torch.full(ctx.shape[:2], s, device=self.device).repeat_interleave(self.tokens, 1)
             with autocast(self.device, self.amp):
                 self.model.prefill(ctx.flatten(1, 2), times, self.cache)
         else:
             for k in range(ctx.shape[1]):
-                self._append(ctx[:, k])
+                self._append(ctx[:, k], s)
 
     @torch.inference_mode()
     def prefill(self, latents: torch.Tensor) -> None:
@@ -154,7 +158,8 @@ class StreamGenerator:
             latents = latents.expand(self.batch, *latents.shape)
         z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
         first = max(0, z.shape[1] - self.model.cfg.context_chunks)
-        self._append_many(torch.stack([self._to_context(z[:, k]) for k in range(first, z.shape[1])], dim=1))
+        s = self.cfg.prompt_noise
+        self._append_many(torch.stack([self._to_context(z[:, k], s) for k in range(first, z.shape[1])], dim=1), s)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
@@ -221,14 +226,16 @@ class WindowRerunGenerator(StreamGenerator):
         super().__init__(*args, **kwargs, pack=False)
         W, T, D = self.model.cfg.context_chunks, self.tokens, self.model.cfg.latent_dim
         self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
+        self.levels: list[float] = []  # their noise levels
         self.W = W
 
-    def _append(self, ctx: torch.Tensor) -> None:
+    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
         self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
+        self.levels = (self.levels + [self.cfg.context_noise if s is None else s])[-self.W:]
 
-    def _append_many(self, ctx: torch.Tensor) -> None:
+    def _append_many(self, ctx: torch.Tensor, s: float) -> None:
         for k in range(ctx.shape[1]):
-            self._append(ctx[:, k])
+            self._append(ctx[:, k], s)
 
     @torch.inference_mode()
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,8 +243,8 @@ class WindowRerunGenerator(StreamGenerator):
             raise FlowError("the window re-run reference does not implement guidance")
         n = self.context.shape[1] + 1
         seq = torch.cat([self.context.flatten(1, 2), x], dim=1)  # (B, n * 8, D)
-        times = torch.cat([torch.full(self.context.shape[:2], self.cfg.context_noise, device=self.device)
-                           .repeat_interleave(self.tokens, 1), t], dim=1)  # (B, n * 8)
+        levels = torch.tensor(self.levels, device=self.device).expand(self.batch, -1)  # (B, n - 1)
+        times = torch.cat([levels.repeat_interleave(self.tokens, 1), t], dim=1)  # (B, n * 8)
         with autocast(self.device, self.amp):
             out = self.model(seq, times, torch.arange(n * self.tokens), clean_mask(n, self.W, self.tokens, self.device))
         return out[:, -self.tokens:].float()

@@ -69,7 +69,10 @@ def rollout_context(model: FlowDiT, x: torch.Tensor, cfg: RolloutConfig, context
     P = int(torch.randint(cfg.min_prompt, n, (), generator=generator))
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     anchored = cfg.anchor_p > 0 and float(torch.rand((), generator=generator)) < cfg.anchor_p
-    sample = SampleConfig(solver=cfg.solver, nfe=cfg.nfe, context_noise=context_noise, seed=seed, num_samples=B)
+    # the opening at the context-noise level too, as the runs the stage was measured with had it (generation now
+    # prefills a prompt as it is: SampleConfig.prompt_noise)
+    sample = SampleConfig(solver=cfg.solver, nfe=cfg.nfe, context_noise=context_noise, prompt_noise=context_noise,
+                          seed=seed, num_samples=B)
     was_training = model.training
     model.eval()
     try:

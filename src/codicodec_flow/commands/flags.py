@@ -27,7 +27,7 @@ def finite_float(text: str) -> float:
 
 
 SAMPLING_FLOATS = {"schedule_shift": "--schedule-shift", "temperature": "--temperature", "cfg_scale": "--cfg-scale",
-                   "context_noise": "--context-noise"}
+                   "context_noise": "--context-noise", "prompt_noise": "--prompt-noise"}
 
 
 def check_finite(cfg: SampleConfig) -> SampleConfig:
@@ -92,6 +92,9 @@ def add_sampling(p: argparse.ArgumentParser, d: SampleConfig, title: str = "samp
                         f"in one pass of twice the tokens) (default {d.cfg_scale:g})")
     g.add_argument("--context-noise", type=finite_float, default=d.context_noise,
                    help=f"noise level put on each generated chunk before it becomes context (default {d.context_noise:g})")
+    g.add_argument("--prompt-noise", type=finite_float, default=d.prompt_noise,
+                   help=f"noise level put on the prompt's chunks before they become context (default {d.prompt_noise:g}: "
+                        f"the prompt as it is)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"same seed, same output on the same device (default {d.seed})")
     g.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="int8: the transformer's linear layers as 8-bit integers, several times faster per chunk on "
@@ -112,6 +115,7 @@ def sample_config(a: argparse.Namespace, d: SampleConfig, **extra) -> SampleConf
     try:
         cfg = SampleConfig(solver=a.solver, nfe=nfe, schedule=a.schedule, schedule_shift=a.schedule_shift,
                            temperature=a.temperature, cfg_scale=a.cfg_scale, context_noise=a.context_noise,
+                           prompt_noise=a.prompt_noise,
                            seed=a.seed, precision=a.precision, **extra)
     except ValueError as exc:
         raise FlowError(str(exc)) from None

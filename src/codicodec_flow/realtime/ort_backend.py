@@ -168,13 +168,14 @@ class OrtBackend:
             v = v_u + self.cfg.cfg_scale * (v - v_u)
         return v
 
-    def _append(self, ctx: torch.Tensor) -> None:
-        """A re-noised context chunk (1, 8, 64) into the cache at once (the graphs have no joined pass)."""
-        self.ort.append(ctx.float().cpu().numpy(), self.modulations(self.cfg.context_noise))
+    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
+        """A context chunk (1, 8, 64) re-noised to level s (None: context_noise) into the cache at once (the graphs
+        have no joined pass)."""
+        self.ort.append(ctx.float().cpu().numpy(), self.modulations(self.cfg.context_noise if s is None else s))
 
-    def _append_many(self, ctx: torch.Tensor) -> None:
+    def _append_many(self, ctx: torch.Tensor, s: float) -> None:
         for k in range(ctx.shape[1]):  # (B, n, 8, 64): prefill is one append per chunk
-            self._append(ctx[:, k])
+            self._append(ctx[:, k], s)
 
     def reserve_rewind(self, chunks: int) -> None:
         """Keep the cache arrays of the last `chunks` appends, so they can be taken back (appends are not joined)."""
