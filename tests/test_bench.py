@@ -155,3 +155,27 @@ def test_every_command_flushes_subnormals():
         assert (tiny * 1e-10).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_the_rerun_reference_is_warmed_up_like_the_cached_path(monkeypatch):
+    """The re-run reference's first chunk after its prompt is not timed (the cached path's first chunk is its
+    latency figure, not part of its median), so a cold first chunk cannot inflate the speed-up."""
+    from codicodec_flow.evaluation import bench
+    made, timed = [], []
+    real_next, real_time = bench.WindowRerunGenerator.next_chunk, bench.time_chunks
+
+    def next_chunk(self, *a, **kw):
+        made.append(1)
+        return real_next(self, *a, **kw)
+
+    def time_chunks(gen, n):
+        if isinstance(gen, bench.WindowRerunGenerator):
+            timed.append((len(made), n))  # chunks made before the timed ones, and how many are timed
+        return real_time(gen, n)
+
+    monkeypatch.setattr(bench.WindowRerunGenerator, "next_chunk", next_chunk)
+    monkeypatch.setattr(bench, "time_chunks", time_chunks)
+    cfg = BenchConfig(device="cpu", sizes=("tiny",), solvers=("euler",), nfes=(1,), measure_chunks=1, rerun_chunks=2,
+                      long_chunks=0, codec="none", train_steps=0, realtime_chunks=0)
+    row = run_bench(cfg, say=lambda *_: None)["generation"][0]
+    assert timed == [(1, 2)] and len(made) == 3 and row["rerun_s"] > 0  # 1 untimed, then 2 timed

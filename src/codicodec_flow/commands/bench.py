@@ -27,7 +27,7 @@ def register(sub) -> None:
                    help=f"window for every figure (default {d.context_chunks})")
     p.add_argument("--measure-chunks", type=int, default=d.measure_chunks, help="chunks timed per cached setting")
     p.add_argument("--rerun-chunks", type=int, default=d.rerun_chunks,
-                   help="chunks timed for the re-run-the-window reference (0 skips it)")
+                   help="chunks timed for the re-run-the-window reference, after one untimed (0 skips it)")
     p.add_argument("--long-chunks", type=int, default=d.long_chunks, help="length of the long stream (0 skips)")
     p.add_argument("--codec", default=d.codec, choices=("auto", "codicodec", "spectral", "none"),
                    help="codec for flow + decode figures (auto: codicodec if installed, else spectral)")
