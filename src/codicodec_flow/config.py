@@ -91,8 +91,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # background processes reading crops; 0 reads them in the training process
     noisy_chunks: int = 0  # noisy chunks trained per crop, drawn at random per micro-batch; 0: noisy_share of them
-    # share of a crop's chunks in the noisy stream when noisy_chunks is 0 (1: all; plan.noisy_count): a quarter continued
-    # held-out music better than all of them, in less wall-clock (README, evaluation)
+    # share of a crop's chunks in the noisy stream when noisy_chunks is 0 (1: all; plan.noisy_count): per second of
+    # training a quarter continued held-out music as well as all of them, per step a little worse (README, evaluation)
     noisy_share: float = 0.25
     rollout_p: float = 0.5  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
