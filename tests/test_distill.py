@@ -12,7 +12,6 @@ from codicodec_flow.flow import flow_loss, make_batch, training_batch
 from codicodec_flow.generate import StreamGenerator
 from codicodec_flow.latents import LatentStats
 from codicodec_flow.model import FlowDiT
-from codicodec_flow.solvers import integrate
 from codicodec_flow.train import run_train, setup
 from conftest import ar_latents, randomised_model
 from test_train import tiny_run
