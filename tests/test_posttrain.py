@@ -47,7 +47,8 @@ def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, t
                                         ({"rollout_nfe": 0}, "rollout-nfe"), ({"rollout_start": 1.0}, "rollout-start"),
                                         ({"rollout_start": -0.1}, "rollout-start"),
                                         ({"rollout_anchor_p": 1.5}, "rollout-anchor-p"),
-                                        ({"rollout_anchor_t": 0.0}, "rollout-anchor-t")])
+                                        ({"rollout_anchor_t": 0.0}, "rollout-anchor-t"),
+                                        ({"rollout_context_noise": 1.0}, "rollout-context-noise")])
 def test_bad_rollout_settings_are_refused_at_setup(ar_data, tmp_path, over, said):
     with pytest.raises(FlowError, match=said):
         setup(tiny_run(ar_data, tmp_path / "run", **over))
@@ -133,3 +134,21 @@ def test_a_chunk_finished_from_full_noise_is_a_fresh_chunk():
         g.prefill(prompt)
     assert torch.equal(streams[0].next_chunk(), streams[1].next_chunk_from(torch.full((2, 8, 64), 9.0), 1.0))
     assert torch.equal(streams[0].next_chunk(), streams[1].next_chunk())  # and the streams stay in step
+
+
+def test_rollouts_use_the_context_noise_they_are_given(ar_data, tmp_path, monkeypatch):
+    """--rollout-context-noise reaches the rollouts (match it to the --context-noise you generate with); its default
+    is generation's default."""
+    import codicodec_flow.train as train_module
+    from codicodec_flow.config import TrainConfig
+    assert TrainConfig(data_dir="", out_dir="").rollout_context_noise == SampleConfig().context_noise
+    seen, real = [], train_module.rollout_context
+
+    def spy(model, x, cfg, context_noise, g):
+        seen.append(context_noise)
+        return real(model, x, cfg, context_noise, g)
+
+    monkeypatch.setattr(train_module, "rollout_context", spy)
+    run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2, rollout_p=1.0, rollout_start=0.0, rollout_nfe=1,
+                       rollout_context_noise=0.0, val_every=99))
+    assert seen == [0.0, 0.0]

@@ -100,6 +100,9 @@ class TrainConfig:
     rollout_start: float = 0.8  # fraction of max_steps after which rollout steps are mixed in (0: from the first)
     rollout_anchor_p: float = 0.0  # share of rollouts finished from the real chunks noised to rollout_anchor_t
     rollout_anchor_t: float = 0.8
+    # context noise of the rollouts' own chunks (generation's --context-noise default; 0 was an experiment: livelier
+    # continuations, streams that grow more; README, evaluation)
+    rollout_context_noise: float = 0.02
     distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 8

@@ -126,8 +126,10 @@ def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:
     """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe, --rollout-start,
-    --rollout-anchor-p, --rollout-anchor-t)."""
+    --rollout-anchor-p, --rollout-anchor-t, --rollout-context-noise)."""
     get_solver(cfg.rollout_solver)  # FlowError naming the choices
+    if not 0.0 <= cfg.rollout_context_noise < 1.0:
+        raise FlowError(f"--rollout-context-noise must lie in [0, 1), got {cfg.rollout_context_noise}")
     if not 0.0 <= cfg.rollout_start < 1.0:
         raise FlowError(f"--rollout-start must lie in [0, 1) (a fraction of --max-steps), got {cfg.rollout_start}")
     try:

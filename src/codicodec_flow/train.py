@@ -237,7 +237,7 @@ def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor |
         return None
     if float(torch.rand((), generator=g)) >= cfg.rollout_p:
         return None
-    context, _ = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), GEN_CONTEXT_NOISE, g)
+    context, _ = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), cfg.rollout_context_noise, g)
     return context.cpu()
 
 

@@ -42,6 +42,9 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--rollout-anchor-p", "rollout_anchor_p", finite_float, "share of rollouts whose chunks the model finishes from "
                                                              "the real chunks noised to --rollout-anchor-t: a past "
                                                              "with its own errors at the music's level (0: none)"),
+    ("--rollout-context-noise", "rollout_context_noise", finite_float, "noise level the rollouts put on their own "
+                                                                       "chunks as context: match the --context-noise "
+                                                                       "you generate with"),
     ("--rollout-anchor-t", "rollout_anchor_t", finite_float, "noise level anchored chunks start from (1: a fresh "
                                                              "chunk, like a free rollout's)"),
     ("--distill-from", "distill_from", str, "teacher checkpoint (ema.pt): train a few-step student on the teacher's "
