@@ -71,7 +71,7 @@ def test_constant_memory_and_flat_state_over_a_long_stream(model):
 class Unjoined(StreamGenerator):
     """Every context chunk in a pass of its own: the reference for the joined pass."""
 
-    def _append(self, ctx, s=None):
+    def _append(self, ctx, s):
         super()._append(ctx, s)
         self.flush()
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from codicodec_flow.checkpoint import load_bundle, load_checkpoint
-from codicodec_flow.config import ModelConfig, SampleConfig
+from codicodec_flow.config import ModelConfig, SampleConfig, TrainConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator
 from codicodec_flow.latents import LatentStats
@@ -140,7 +140,6 @@ def test_rollouts_use_the_context_noise_they_are_given(ar_data, tmp_path, monkey
     """--rollout-context-noise reaches the rollouts (match it to the --context-noise you generate with); its default
     is generation's default."""
     import codicodec_flow.train as train_module
-    from codicodec_flow.config import TrainConfig
     assert TrainConfig(data_dir="", out_dir="").rollout_context_noise == SampleConfig().context_noise
     seen, real = [], train_module.rollout_context
 

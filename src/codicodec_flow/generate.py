@@ -92,20 +92,20 @@ class StreamGenerator:
         """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache.
         Returns the re-noised chunk, which add_noised_context puts back exactly (after a rewind)."""
         ctx = self._to_context(x, self.cfg.context_noise)
-        self._append(ctx)
+        self._append(ctx, self.cfg.context_noise)
         return ctx
 
     @torch.inference_mode()
     def add_noised_context(self, ctx: torch.Tensor) -> None:
         """A chunk add_context already re-noised (B, 8, 64), as the newest context again."""
-        self._append(ctx)
+        self._append(ctx, self.cfg.context_noise)
 
-    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
-        """Queue a context chunk re-noised to level s (None: context_noise): it joins the cache in the next chunk's
-        first pass (or at flush())."""
+    def _append(self, ctx: torch.Tensor, s: float) -> None:
+        """Queue a context chunk re-noised to level s: it joins the cache in the next chunk's first pass (or at
+        flush())."""
         if len(self._pending) >= max(1, self.cache.scratch - 2):  # room for the new chunk and its unguided twin
             self.flush()
-        self._pending.append((ctx, self.cfg.context_noise if s is None else s))
+        self._pending.append((ctx, s))
 
     @property
     def context_length(self) -> int:
@@ -229,9 +229,9 @@ class WindowRerunGenerator(StreamGenerator):
         self.levels: list[float] = []  # their noise levels
         self.W = W
 
-    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
+    def _append(self, ctx: torch.Tensor, s: float) -> None:
         self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
-        self.levels = (self.levels + [self.cfg.context_noise if s is None else s])[-self.W:]
+        self.levels = (self.levels + [s])[-self.W:]
 
     def _append_many(self, ctx: torch.Tensor, s: float) -> None:
         for k in range(ctx.shape[1]):

@@ -112,13 +112,12 @@ def noisy_count(cfg: TrainConfig, mcfg: ModelConfig) -> int | None:
 def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy-chunks") -> None:
     """--noisy-chunks: 1 up to the crop's chunks (0: --noisy-share decides), --noisy-share in (0, 1]; fewer than all
     not with distillation, whose teacher samples them all."""
-    n = cfg.crop_tokens // mcfg.chunk_tokens
+    n, share_flag = cfg.crop_tokens // mcfg.chunk_tokens, flag.replace("chunks", "share")
     if not 0 <= cfg.noisy_chunks <= n:
         raise FlowError(f"{flag} {cfg.noisy_chunks}: give 1 to {n} (the chunks of a {cfg.crop_tokens}-token "
-                        f"crop), or 0 to let {flag.replace('chunks', 'share')} decide")
+                        f"crop), or 0 to let {share_flag} decide")
     if not 0.0 < cfg.noisy_share <= 1.0:
-        raise FlowError(f"{flag.replace('chunks', 'share')} {cfg.noisy_share}: give a share in (0, 1] of the crop's "
-                        f"chunks (1: all)")
+        raise FlowError(f"{share_flag} {cfg.noisy_share}: give a share in (0, 1] of the crop's chunks (1: all)")
     if noisy_count(cfg, mcfg) is not None and cfg.distill_from is not None:
         raise FlowError("--noisy-chunks or --noisy-share below all with --distill-from is not supported: the teacher "
                         "samples every chunk of the noisy stream; leave them out")

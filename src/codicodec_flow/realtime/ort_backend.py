@@ -168,10 +168,9 @@ class OrtBackend:
             v = v_u + self.cfg.cfg_scale * (v - v_u)
         return v
 
-    def _append(self, ctx: torch.Tensor, s: float | None = None) -> None:
-        """A context chunk (1, 8, 64) re-noised to level s (None: context_noise) into the cache at once (the graphs
-        have no joined pass)."""
-        self.ort.append(ctx.float().cpu().numpy(), self.modulations(self.cfg.context_noise if s is None else s))
+    def _append(self, ctx: torch.Tensor, s: float) -> None:
+        """A context chunk (1, 8, 64) re-noised to level s into the cache at once (the graphs have no joined pass)."""
+        self.ort.append(ctx.float().cpu().numpy(), self.modulations(s))
 
     def _append_many(self, ctx: torch.Tensor, s: float) -> None:
         for k in range(ctx.shape[1]):  # (B, n, 8, 64): prefill is one append per chunk
