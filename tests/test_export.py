@@ -150,6 +150,8 @@ def test_realtime_command_runs_an_export_and_refuses_mistakes(ckpt, onnx_dir, tm
     assert "--onnx applies to --backend onnxruntime" in capsys.readouterr().err
     assert main([*base, "--backend", "onnxruntime", "--precision", "int8"]) == 2
     assert "--precision int8 applies to --backend torch" in capsys.readouterr().err
+    assert main([*base, "--backend", "onnxruntime", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs applies to --backend torch" in capsys.readouterr().err
     with pytest.raises(FlowError, match="made from another checkpoint"):  # other statistics
         load_onnx(tiny_model(), LatentStats(STATS.mean + 1, STATS.std, 100), onnx_dir)
     with pytest.raises(FlowError, match="made from another checkpoint"):  # other weights of the same shape

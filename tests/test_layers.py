@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "codicodec_flow"
-CORE = ("rope", "streams", "cache", "model", "flow", "solvers", "generate", "checkpoint", "train", "export", "quantize", "packing", "plan", "rollout", "distill")
+CORE = ("rope", "streams", "cache", "model", "flow", "solvers", "generate", "checkpoint", "train", "export", "quantize", "packing", "graphs", "plan", "rollout", "distill")
 LAYERS = [("errors", "util"), ("codec",), ("config", "latents"), ("data",), CORE, ("realtime",), ("evaluation",),
           ("commands",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

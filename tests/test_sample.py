@@ -171,3 +171,19 @@ def test_int8_precision_from_the_command_line(ckpt, tmp_path):
         outs[precision] = sf.read(tmp_path / f"{precision}.wav")[0]
     assert outs["int8"].shape == outs["fp32"].shape
     assert 0 < abs(outs["int8"] - outs["fp32"]).max() < 0.5 * abs(outs["fp32"]).max()
+
+
+def test_cuda_graphs_need_a_cuda_device(ckpt, tmp_path, capsys):
+    assert sample(ckpt, tmp_path / "g.wav", "--duration-s", 1.0, "--cuda-graphs") == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "g.wav").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_sample_on_a_gpu(ckpt, tmp_path):
+    out = [tmp_path / "eager.wav", tmp_path / "graphs.wav"]
+    for path, extra in zip(out, ([], ["--cuda-graphs"])):
+        assert main(["sample", "--ckpt", str(ckpt), "--out", str(path), "--device", "cuda", "--nfe", "4",
+                     "--solver", "euler", "--duration-s", "2.0", "--seed", "3", *extra]) == 0
+    a, b = (sf.read(p)[0] for p in out)
+    assert a.shape == b.shape and abs(a - b).max() < 0.05 * abs(a).max()  # bf16 autocast on both

@@ -18,11 +18,15 @@ holding a rewound chunk's leftovers is masked until it is written again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelConfig
 from .rope import apply_rope, rope_table
+
+if TYPE_CHECKING:
+    from .graphs import PassGraphs
 
 ROLES = ("context", "cond", "uncond")
 SCRATCH_CHUNKS = 3  # one pass can carry a finished chunk joining the context, the new chunk and its unguided twin
@@ -41,6 +45,7 @@ class KVCache:
     scratch: int = SCRATCH_CHUNKS  # chunks one pass may carry
     valid: int = 0  # the newest chunks whose ring slots hold them (<= n; less only after a rewind)
     _groups: dict = field(default_factory=dict)  # (n, valid, active, roles) -> (mask, rotation tables)
+    graphs: "PassGraphs | None" = None  # CUDA graphs of the passes over these buffers (graphs.py); None: eager
 
     @staticmethod
     def empty(cfg: ModelConfig, batch: int, device, dtype, spare: int = 0,
@@ -90,7 +95,7 @@ class KVCache:
             src, dst = (c % self.slots) * T, (c % out.slots) * T
             out.k[..., dst:dst + T, :] = self.k[..., src:src + T, :]
             out.v[..., dst:dst + T, :] = self.v[..., src:src + T, :]
-        out.n, out.valid, out.active = self.n, keep, self.active
+        out.n, out.valid, out.active, out.graphs = self.n, keep, self.active, self.graphs  # graphs re-capture
         return out
 
     def set_active(self, chunks: int | None) -> None:
@@ -136,9 +141,9 @@ class KVCache:
                 scratch[:min(g, m)] = e - (self.n + torch.arange(min(g, m))) <= seen
             rows.append(torch.cat([ring, scratch]).repeat_interleave(T)[None].expand(T, -1))  # (8, R + G * 8)
             positions.append(torch.arange(e * T, (e + 1) * T))
-        mask = torch.cat(rows).to(device)[None, None]  # (1, 1, G * 8, R + G * 8)
+        mask = torch.cat(rows)[None, None]  # (1, 1, G * 8, R + G * 8), read here on the host, then moved
         rope = rope_table(torch.cat(positions), self.k.shape[-1], self.rope_base, device)  # (G * 8, hd) each
-        return (None if bool(mask.all()) else mask), rope
+        return (None if bool(mask.all()) else mask.to(device)), rope
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor,
               rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

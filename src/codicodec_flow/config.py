@@ -135,6 +135,7 @@ class SampleConfig:
     seed: int = 0
     num_samples: int = 1
     precision: str = "fp32"  # or "int8": the transformer's linear layers as 8-bit integers (CPU; quantize.py)
+    cuda_graphs: bool = False  # replay each cached pass as a CUDA graph (CUDA only; graphs.py)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

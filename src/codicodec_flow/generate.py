@@ -23,11 +23,12 @@ import torch
 
 from .config import SampleConfig
 from .errors import FlowError
+from .graphs import PassGraphs
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
 from .packing import prepack
 from .quantize import for_generation
-from .solvers import integrate, spent_nfe, steps_for
+from .solvers import integrate, spent_nfe, steps_for, time_value
 from .util.devices import autocast
 
 
@@ -41,6 +42,10 @@ class StreamGenerator:
         self.batch = cfg.num_samples
         self.steps = steps_for(cfg.solver, cfg.nfe)
         self.cache = model.new_cache(self.batch, self.device, next(model.parameters()).dtype)
+        if cfg.cuda_graphs:
+            if self.device.type != "cuda":
+                raise FlowError(f"--cuda-graphs needs a CUDA device, not {self.device.type} (leave the flag out)")
+            self.cache.graphs = PassGraphs(model, amp)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
         self.tokens = model.cfg.chunk_tokens
         chunk_rows = self.tokens * self.batch
@@ -163,7 +168,7 @@ class StreamGenerator:
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, t) for the new chunk against the cache, with guidance when cfg_scale != 1."""
-        mods = self.modulations(float(t[0, 0]))  # solvers give the whole chunk one time
+        mods = self.modulations(time_value(t))  # solvers give the whole chunk one time
         join = self._joining()  # the chunks before, if they still wait to become context
         with autocast(self.device, self.amp):
             if self.cfg.cfg_scale != 1.0:

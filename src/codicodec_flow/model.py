@@ -246,29 +246,41 @@ class FlowDiT(nn.Module):
 
     def _run_chunks(self, chunks: list[Chunk], cache: KVCache) -> torch.Tensor | None:
         """One pass over a few chunks against the cache (roles: KVCache.group); returns the velocities of the
-        chunks that are not context, (B, k * 8, 64), and appends the leading context chunks to the cache."""
-        T = self.cfg.chunk_tokens
+        chunks that are not context, (B, k * 8, 64), and appends the leading context chunks to the cache.
+
+        The arithmetic is `_pass`, or a CUDA graph of it where the cache carries one (graphs.py)."""
         roles = tuple(c.role for c in chunks)
         mask, rope = cache.group(roles)
         mods = [c.mods if c.mods is not None else self.conditioning(c.t) for c in chunks]
-        if len(chunks) == 1:
+        run = cache.graphs.run if cache.graphs is not None else self._pass
+        out = run([c.x for c in chunks], mods, roles, mask, rope, cache)
+        joining = roles.count("context")  # group() checked that they lead
+        if joining:
+            cache.append_scratch(joining)  # the finished chunks' keys and values move into the ring
+        return out
+
+    def _pass(self, xs: list[torch.Tensor], mods: list[tuple[torch.Tensor, ...]], roles: tuple[str, ...],
+              mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor | None:
+        """The arithmetic of one cached pass: chunks xs (B, 8, 64) each with its modulations, under the group's mask
+        and rotation tables; their keys and values land in the cache's scratch slots. Static shapes for given roles
+        and batch, and nothing read back to the host: a CUDA graph can hold it. Returns the velocities of the
+        chunks that are not context (B, k * 8, 64), or None when all are context."""
+        T = self.cfg.chunk_tokens
+        if len(xs) == 1:
             per_block = mods[0]  # (B|1, 8|1, .) each, broadcast over the chunk
         else:
-            B = chunks[0].x.shape[0]
+            B = xs[0].shape[0]
             per_block = tuple(torch.cat([m[i].expand(B, T, -1) for m in mods], dim=1)  # (B, G * 8, .)
                               for i in range(len(self.blocks) + 1))
-        h = self.proj_in(torch.cat([c.x for c in chunks], dim=1))  # (B, G * 8, D)
+        h = self.proj_in(torch.cat(xs, dim=1))  # (B, G * 8, D)
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):
                 keys, values = cache.stage(i, k, v, rope)  # scratch slots hold these chunks' k (rotated), v
                 return self.blocks[i].attn.attend(q, keys, values, mask)
             h = block(h, per_block[i], rope, attend)
-        joining = roles.count("context")  # group() checked that they lead
-        skip = T * joining
-        if joining:
-            cache.append_scratch(joining)  # the finished chunks' keys and values move into the ring
-            if len(chunks) == joining:
-                return None  # nothing to predict: a context chunk's own velocity is never used
+        skip = T * roles.count("context")
+        if skip == h.shape[1]:
+            return None  # nothing to predict: a context chunk's own velocity is never used
         head = per_block[-1] if per_block[-1].shape[1] == 1 else per_block[-1][:, skip:]
         return self._head(h[:, skip:], head)  # (B, k * 8, 64)
 

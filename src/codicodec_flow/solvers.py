@@ -63,9 +63,19 @@ def _times(ts: Tensor) -> list[float]:
 
 
 def _t(t: float, x: Tensor) -> Tensor:
-    """Broadcast a time to every token: (B, L), float32 unless x is float64 (bf16 time is too coarse)."""
+    """Broadcast a time to every token: (B, L), float32 unless x is float64 (bf16 time is too coarse). The tensor
+    carries the float too (`time_value`), so a velocity can read it without a round trip to the device."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.full(x.shape[:2], t, dtype=dtype, device=x.device)      # (B, L)
+    out = torch.full(x.shape[:2], t, dtype=dtype, device=x.device)      # (B, L)
+    out.flow_time = t
+    return out
+
+
+def time_value(t: Tensor) -> float:
+    """The single time of a chunk's (B, L) time tensor: the float a solver made it from (no device sync), or else
+    read from the tensor."""
+    value = getattr(t, "flow_time", None)
+    return float(t.reshape(-1)[0]) if value is None else value
 
 
 # ----------------------------------------------------------------------------- deterministic ODE solvers

@@ -10,8 +10,7 @@ from rich.table import Table
 
 from ..config import MODEL_PRESETS, PRECISIONS
 from ..errors import FlowError
-from ..evaluation.bench import BenchConfig, run_bench
-from ..realtime.ort_backend import BACKENDS
+from ..evaluation.bench import BENCH_BACKENDS, BenchConfig, run_bench
 from ..util.fsutil import write_text_atomic
 from .flags import add_device, add_threads, finite_float
 
@@ -49,9 +48,10 @@ def register(sub) -> None:
                    help="also measure the realtime engine while N busy-loop processes keep N cores busy, as a DAW "
                         "would (started and stopped by bench; default 0: not measured)")
     p.add_argument("--backends", default=",".join(d.backends), metavar="LIST",
-                   help="generation figures for these backends, comma-separated: torch (eager PyTorch) and onnxruntime "
-                        "(the exported step on the CPU, with a column saying how many times torch's speed it runs; "
-                        f"pip install -e '.[export]'). Default {','.join(d.backends)}")
+                   help="generation figures for these backends, comma-separated: torch (eager PyTorch), onnxruntime "
+                        "(the exported step on the CPU; pip install -e '.[export]') and cuda-graphs (torch's step "
+                        "replayed as CUDA graphs, sample --cuda-graphs; CUDA only), each with a column saying how many "
+                        f"times eager torch's speed it runs. Default {','.join(d.backends)}")
     p.add_argument("--precisions", default=",".join(d.precisions), metavar="LIST",
                    help="torch generation figures at these weight precisions, comma-separated: fp32 (exact) and int8 "
                         "(CPU; sample --precision); int8 rows show their speed relative to fp32. "
@@ -75,8 +75,8 @@ def run(a: argparse.Namespace) -> int:
         raise FlowError("--competing-load measures the realtime engine: it needs --realtime-chunks > 0 and a codec")
     if not cfg.precisions or any(p not in PRECISIONS for p in cfg.precisions):
         raise FlowError(f"--precisions {a.precisions!r}: choose from {', '.join(PRECISIONS)}, comma-separated")
-    if not cfg.backends or any(b not in BACKENDS for b in cfg.backends):
-        raise FlowError(f"--backends {a.backends!r}: choose from {', '.join(BACKENDS)}, comma-separated")
+    if not cfg.backends or any(b not in BENCH_BACKENDS for b in cfg.backends):
+        raise FlowError(f"--backends {a.backends!r}: choose from {', '.join(BENCH_BACKENDS)}, comma-separated")
     unknown = [s for s in cfg.sizes if s not in MODEL_PRESETS]
     if unknown:
         raise FlowError(f"unknown --sizes {unknown}: choose from {', '.join(MODEL_PRESETS)}")
@@ -107,11 +107,12 @@ def print_report(report: dict, json_path: str | None = None) -> None:
                   ms(r["first_chunk_latency_s"]))
     if report["generation"]:  # bench --train-only has none
         console.print(t)
-    ratios = [r["vs_torch"] for r in report["generation"] if "vs_torch" in r]
-    if ratios:
-        faster = sum(x > 1 for x in ratios)
-        console.print(f"onnxruntime vs eager torch: {min(ratios):.2f}x to {max(ratios):.2f}x torch's speed; faster in "
-                      f"{faster} of {len(ratios)} settings")
+    for backend in dict.fromkeys(r.get("backend", "torch") for r in report["generation"]):
+        ratios = [r["vs_torch"] for r in report["generation"] if r.get("backend") == backend and "vs_torch" in r]
+        if ratios:
+            faster = sum(x > 1 for x in ratios)
+            console.print(f"{backend} vs eager torch: {min(ratios):.2f}x to {max(ratios):.2f}x torch's speed; faster "
+                          f"in {faster} of {len(ratios)} settings")
     if "long_stream" in report:
         ls = report["long_stream"]
         console.print(f"long stream ({ls['size']}, {ls['solver']} NFE {ls['nfe']}, {ls['chunks']} chunks): chunk 10-19 {1000 * ls['early_s']:.1f} "
@@ -128,6 +129,10 @@ def print_report(report: dict, json_path: str | None = None) -> None:
         console.print(t)
     if "realtime" in report:
         console.print(f"realtime engine: {json.dumps(report['realtime'])}")
+    if "realtime_cuda_graphs" in report:
+        r = report["realtime_cuda_graphs"]
+        console.print(f"realtime engine with CUDA graphs: sustained {r['rtf']:.1f}x real time, compute "
+                      f"{1000 * r['compute_mean_s']:.1f} ms mean / {1000 * r['compute_p95_s']:.1f} ms p95 per chunk")
     if "realtime_under_load" in report:
         load = report["realtime_under_load"]
         for r in load["runs"]:

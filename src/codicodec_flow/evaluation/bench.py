@@ -22,12 +22,13 @@ from ..checkpoint import Bundle
 from ..codec import CHUNK_SECONDS, LATENT_DIM, TOKENS_PER_CHUNK, Codec, load_codec, local_codec
 from ..config import LIVE_SAMPLING, MODEL_PRESETS, FlowConfig, SampleConfig, TrainConfig
 from ..data.loader import MicroBatch
+from ..errors import FlowError
 from ..generate import StreamGenerator, WindowRerunGenerator
 from ..latents import LatentStats
 from ..model import FlowDiT
 from ..realtime.engine import Engine, EngineConfig
 from ..realtime.generator import LiveGenerator
-from ..realtime.ort_backend import OrtStreamGenerator, load_onnx
+from ..realtime.ort_backend import BACKENDS, OrtStreamGenerator, load_onnx
 from ..realtime.sinks import NullSink
 from ..realtime.state import Controls
 from ..solvers import get_solver
@@ -38,6 +39,9 @@ from ..train import Trainer, fresh_state, optimiser_step
 from ..util.devices import autocast_dtype, live_threads, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
+
+CUDA_GRAPHS = "cuda-graphs"  # the bench backend of torch's step with --cuda-graphs
+BENCH_BACKENDS = BACKENDS + (CUDA_GRAPHS,)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class BenchConfig:
     realtime_chunks: int = 200  # sustained real-time factor of the realtime engine (0 skips)
     threads: int | None = None  # torch threads of the realtime-engine figures, as `realtime --threads` (None: live_threads())
     competing_load: int = 0  # busy-loop processes running beside a second realtime-engine figure (0: no such figure)
-    backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's
+    backends: tuple[str, ...] = ("torch",)  # generation figures per backend; "onnxruntime" adds the exported step's,
+    #                                          "cuda-graphs" torch's step replayed as CUDA graphs (sample --cuda-graphs)
     precisions: tuple[str, ...] = ("fp32",)  # torch generation figures per weight precision (int8: quantize.py)
     train_noisy_chunks: int = 0  # noisy chunks per crop in the training figure, as train --noisy-chunks (0: the share)
     train_noisy_share: float = TrainConfig.noisy_share  # as train --noisy-share: train's default unless given
@@ -161,6 +166,8 @@ def bench_generation(size: str, cfg: BenchConfig, device, amp, codec, say, bandw
             for backend, precision in _variants(cfg):
                 if backend == "torch":
                     gen = StreamGenerator(model, stats, replace(sc, precision=precision), device, amp)
+                elif backend == CUDA_GRAPHS:
+                    gen = StreamGenerator(model, stats, replace(sc, cuda_graphs=True), device, amp)
                 else:
                     gen = OrtStreamGenerator(model, stats, sc, ort_model)
                 row = _cached_row(gen, model, prompt, size, cfg, backend, bandwidth)
@@ -289,6 +296,8 @@ def attention_kernel(device) -> str:
 def run_bench(cfg: BenchConfig, say=log.info) -> dict:
     """Every figure of `bench`, as a dict (see the module docstring); `say` receives a line per finished figure."""
     device = resolve_device(cfg.device)
+    if CUDA_GRAPHS in cfg.backends and device.type != "cuda" and not cfg.train_only:
+        raise FlowError(f"--backends {CUDA_GRAPHS} times CUDA graphs: it needs --device cuda (this run: {device.type})")
     amp = autocast_dtype("auto", device)
     report = {"machine": machine(device), "config": asdict(cfg), "dtype": "bf16" if amp else "fp32",
               "generation": [], "training": []}
@@ -313,6 +322,9 @@ def run_bench(cfg: BenchConfig, say=log.info) -> dict:
         threads = live_threads() if cfg.threads is None else cfg.threads
         report["realtime"] = _realtime(cfg, device, codec, threads)
         say(f"  realtime engine, {threads} thread(s): {report['realtime']['rtf']:.1f}x real time")
+        if CUDA_GRAPHS in cfg.backends:
+            report["realtime_cuda_graphs"] = _realtime(cfg, device, codec, threads, cuda_graphs=True)
+            say(f"  realtime engine with CUDA graphs: {report['realtime_cuda_graphs']['rtf']:.1f}x real time")
         if cfg.competing_load > 0:
             report["realtime_under_load"] = _realtime_under_load(cfg, device, codec, threads, say)
     return report
@@ -326,13 +338,15 @@ def _training_figures(cfg: BenchConfig, device, amp, report: dict, say) -> dict:
     return report
 
 
-def _realtime(cfg: BenchConfig, device, codec, threads: int) -> dict:
+def _realtime(cfg: BenchConfig, device, codec, threads: int, cuda_graphs: bool = False) -> dict:
     """Sustained real-time factor of the realtime engine (null sink) with the first size, on `threads` threads."""
     model = _model(cfg.sizes[0], cfg, device)
     bundle = Bundle(model, model.cfg, FlowConfig(), LatentStats.identity(), codec.name, codec.version, 0,
                     "(random weights)")
+    live = replace(LIVE_SAMPLING, cuda_graphs=cuda_graphs)
     with torch_threads(threads):
-        return {**sustained_rtf(bundle, codec, LIVE_SAMPLING, cfg.realtime_chunks, device), "threads": threads}
+        return {**sustained_rtf(bundle, codec, live, cfg.realtime_chunks, device), "threads": threads,
+                "cuda_graphs": cuda_graphs}
 
 
 def _realtime_under_load(cfg: BenchConfig, device, codec, threads: int, say) -> dict:

@@ -25,6 +25,7 @@ from ..export import DESCRIPTION, cache_shape, export_onnx, weights_digest
 from ..generate import StreamGenerator
 from ..latents import LatentStats
 from ..model import FlowDiT
+from ..solvers import time_value
 from .generator import LiveGenerator
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class OrtBackend:
         return self._mods[key]
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        mods = self.modulations(float(t[0, 0]))  # solvers give the whole chunk one time
+        mods = self.modulations(time_value(t))  # solvers give the whole chunk one time
         xn = x.float().cpu().numpy()
         v = torch.from_numpy(self.ort.velocity(xn, mods))
         if self.cfg.cfg_scale != 1.0:  # the unconditional branch: the same step with context 0

@@ -191,6 +191,8 @@ def _check_backend(cfg: RealtimeConfig) -> None:
     if cfg.backend == "onnxruntime" and cfg.sample.precision != "fp32":
         raise FlowError(f"--precision {cfg.sample.precision} applies to --backend torch; onnxruntime runs the float32 "
                         f"export")
+    if cfg.backend == "onnxruntime" and cfg.sample.cuda_graphs:
+        raise FlowError("--cuda-graphs applies to --backend torch on a CUDA GPU; onnxruntime runs on the CPU")
 
 
 def _origins(cfg: RealtimeConfig) -> tuple[str, ...]:
