@@ -19,7 +19,12 @@ from conftest import randomised_model
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, cond_dim=48, context_chunks=3)
 STATS = LatentStats(torch.full((64,), 0.1), torch.full((64,), 0.9), 1)
 CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (graphs are captured and replayed only there)")
+
+
+def gpu(test):
+    """A CUDA-only test: marked `gpu` (pytest -m gpu runs these) and skipped without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (graphs are captured and replayed "
+                                                               "only there)")(test))
 
 
 def _pair(model, device, amp=None, **kw):

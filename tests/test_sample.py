@@ -179,6 +179,7 @@ def test_cuda_graphs_need_a_cuda_device(ckpt, tmp_path, capsys):
     assert not (tmp_path / "g.wav").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_sample_on_a_gpu(ckpt, tmp_path):
     out = [tmp_path / "eager.wav", tmp_path / "graphs.wav"]
