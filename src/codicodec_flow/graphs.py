@@ -50,19 +50,19 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-@dataclass
+@dataclass(eq=False)
 class PassGraphs:
     """The cached passes of one generator as CUDA graphs, captured on first use of each layout.
 
     Set as `cache.graphs`; FlowDiT._run_chunks then calls `run` instead of `_pass`."""
-    model: "FlowDiT"
+    model: "FlowDiT" = field(repr=False)
     amp: torch.dtype | None = None  # the autocast dtype the generator runs under (captured with the weight-cast
     #                                  cache off: cached casts would be freed under a graph that reads them)
     capture: bool = True  # False: the same buffers, run eagerly (CPU tests)
     captured: int = 0  # graphs captured so far
-    _entries: dict = field(default_factory=dict)
-    _buffers: tuple[int, int] | None = None  # the cache buffers the graphs write into
-    _pool: object = None
+    _entries: dict = field(default_factory=dict, repr=False)
+    _buffers: tuple[int, int] | None = field(default=None, repr=False)  # the cache buffers the graphs write into
+    _pool: object = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.capture and not torch.cuda.is_available():
