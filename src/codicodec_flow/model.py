@@ -39,7 +39,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _FUSED_RMS_NORM:  # one kernel instead of six: at 8 tokens per pass the launches are the cost
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+            # the weight in x's dtype: under bf16 autocast a float32 weight makes torch fall back to the unfused path
+            weight = None if self.weight is None else self.weight.to(x.dtype)
+            return F.rms_norm(x, x.shape[-1:], weight, self.eps)
         y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
         return y * self.weight if self.weight is not None else y
 
