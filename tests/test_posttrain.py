@@ -48,7 +48,9 @@ def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, t
                                         ({"rollout_start": -0.1}, "rollout-start"),
                                         ({"rollout_anchor_p": 1.5}, "rollout-anchor-p"),
                                         ({"rollout_anchor_t": 0.0}, "rollout-anchor-t"),
-                                        ({"rollout_context_noise": 1.0}, "rollout-context-noise")])
+                                        ({"rollout_context_noise": 1.0}, "rollout-context-noise"),
+                                        ({"rollout_max_t": 0.0}, "rollout-max-t"),
+                                        ({"rollout_max_t": 1.5}, "rollout-max-t")])
 def test_bad_rollout_settings_are_refused_at_setup(ar_data, tmp_path, over, said):
     with pytest.raises(FlowError, match=said):
         setup(tiny_run(ar_data, tmp_path / "run", **over))
@@ -66,7 +68,9 @@ def rollout_spread(ckpt, chunks: int = 60, streams: int = 8) -> float:
 
 def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(tmp_path):
     """On an AR(1) process (spread 1), a tiny model trained by teacher forcing drifts wide in its own rollouts.
-    The same number of further steps with rollouts brings the spread back toward 1; plain steps do not."""
+    The same number of further steps with rollouts brings the spread back toward 1; plain steps do not. The rollouts'
+    self-continued chunks train at every noise level here: this drift is in the chunks' levels, decided above the
+    default --rollout-max-t of 0.8 (there they brought it from 1.12 to 1.11 only)."""
     data = write_latent_dir(tmp_path / "lat", {f"f{i}.wav": ar_latents(400, rho=0.9, seed=i) for i in range(4)})
     common = dict(batch_size=8, crop_tokens=64, val_every=0, log_every=100, ema_decay=0.5, val_fraction=0.0,
                   noisy_share=1.0)  # every chunk a target, as when this case was calibrated
@@ -75,7 +79,7 @@ def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(
     base = rollout_spread(tmp_path / "base" / "ema.pt")
     for name, rollout_p in (("plain", 0.0), ("rollout", 1.0)):
         run_train(tiny_run(data, tmp_path / name, init_from=tmp_path / "base" / "ema.pt", max_steps=40, lr=5e-4,
-                           warmup_steps=1, rollout_p=rollout_p, rollout_start=0.0, **common))
+                           warmup_steps=1, rollout_p=rollout_p, rollout_start=0.0, rollout_max_t=1.0, **common))
     plain, rolled = rollout_spread(tmp_path / "plain" / "ema.pt"), rollout_spread(tmp_path / "rollout" / "ema.pt")
     assert base > 1.08 and plain > 1.08, (base, plain)  # teacher forcing: drifted wide, and stays so
     assert abs(rolled - 1) < 0.5 * min(abs(base - 1), abs(plain - 1)), (base, plain, rolled)
@@ -83,7 +87,8 @@ def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(
 
 def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(ar_data, tmp_path):
     run = tiny_run(ar_data, tmp_path / "plain")
-    assert (run.train.rollout_p, run.train.rollout_start, run.flow.t_dist) == (0.5, 0.8, "uniform")
+    assert (run.train.rollout_p, run.train.rollout_start, run.train.rollout_max_t, run.flow.t_dist) == (0.5, 0.8, 0.8,
+                                                                                                      "uniform")
     run_train(tiny_run(ar_data, tmp_path / "teacher", max_steps=1))
     teacher = str(tmp_path / "teacher" / "ema.pt")
     assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher).train.rollout_p == 0.0
@@ -91,20 +96,23 @@ def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(a
 
 
 def test_a_run_saved_before_the_rollout_stage_resumes_as_it_was_trained(ar_data, tmp_path):
-    """Checkpoints written before --rollout-p (or --rollout-start, --rollout-anchor-p) existed lack the keys: their
-    runs go on without rollouts (or with rollouts from the first step, as --rollout-p then meant, or with free
-    rollouts only), not with today's defaults."""
-    for missing, expected in ((("rollout_p", "rollout_start", "rollout_anchor_p"), (0.0, 0.0, 0.0)),
-                              (("rollout_start", "rollout_anchor_p"), (0.5, 0.0, 0.0)),
-                              (("rollout_anchor_p",), (0.5, 0.8, 0.0))):
+    """Checkpoints written before --rollout-p (or --rollout-start, --rollout-anchor-p, --rollout-max-t) existed lack
+    the keys: their runs go on without rollouts (or with rollouts from the first step, as --rollout-p then meant, with
+    free rollouts only, or with self-continued chunks at every noise level), not with today's defaults."""
+    for missing, expected in ((("rollout_p", "rollout_start", "rollout_anchor_p", "rollout_max_t"), (0.0, 0.0, 0.0, 1.0)),
+                              (("rollout_start", "rollout_anchor_p", "rollout_max_t"), (0.5, 0.0, 0.0, 1.0)),
+                              (("rollout_anchor_p", "rollout_max_t"), (0.5, 0.8, 0.0, 1.0)),
+                              (("rollout_max_t",), (0.5, 0.8, 0.5, 1.0))):
         out = tmp_path / "_".join(missing)
-        run_train(tiny_run(ar_data, out, rollout_p=0.5, rollout_start=0.8, rollout_anchor_p=0.5), stop_at=2)
+        run_train(tiny_run(ar_data, out, rollout_p=0.5, rollout_start=0.8, rollout_anchor_p=0.5, rollout_max_t=0.6),
+                  stop_at=2)
         ckpt = torch.load(out / "last.pt", weights_only=True)
         for key in missing:
             del ckpt["config"]["train"][key]
         torch.save(ckpt, out / "last.pt")
         run = tiny_run(ar_data, out, resume=True)
-        assert (run.train.rollout_p, run.train.rollout_start, run.train.rollout_anchor_p) == expected
+        t = run.train
+        assert (t.rollout_p, t.rollout_start, t.rollout_anchor_p, t.rollout_max_t) == expected
 
 
 def test_anchored_rollouts_keep_the_real_music_near_and_free_ones_do_not():
@@ -151,3 +159,26 @@ def test_rollouts_use_the_context_noise_they_are_given(ar_data, tmp_path, monkey
     run_train(tiny_run(ar_data, tmp_path / "run", max_steps=2, rollout_p=1.0, rollout_start=0.0, rollout_nfe=1,
                        rollout_context_noise=0.0, val_every=99))
     assert seen == [0.0, 0.0]
+
+
+def test_rollout_steps_train_self_continued_chunks_below_max_t(ar_data, tmp_path, monkeypatch):
+    """With --rollout-max-t, a rollout step's chunks after the real opening (whose past holds the model's own chunks)
+    draw their noise level below the cap; the others, and teacher-forced steps, draw from the whole range."""
+    import codicodec_flow.train as train_mod
+    seen = []
+
+    def spy(*args, **kw):
+        batch = real(*args, **kw)
+        seen.append((args[8], batch))
+        return batch
+    real = train_mod.training_batch
+    monkeypatch.setattr(train_mod, "training_batch", spy)
+    run_train(tiny_run(ar_data, tmp_path / "run", rollout_p=0.5, rollout_nfe=2, rollout_start=0.0,
+                       rollout_max_t=0.3, noisy_share=1.0, max_steps=8))
+    capped = [(caps, b) for caps, b in seen if caps is not None]
+    assert capped and len(capped) < len(seen)  # rollout steps and teacher-forced ones
+    assert any((caps < 1).any() for caps, _ in capped)
+    for caps, b in capped:
+        low = caps < 1
+        assert caps[0] == 1.0 and torch.allclose(caps[low], torch.tensor(0.3))
+        assert (b.t[:, low] <= 0.3 + 1e-6).all()

@@ -4,7 +4,7 @@ import torch
 from codicodec_flow.config import FlowConfig, ModelConfig
 from codicodec_flow.flow import training_batch
 from codicodec_flow.model import FlowDiT
-from codicodec_flow.rollout import RolloutConfig, rollout_context
+from codicodec_flow.rollout import RolloutConfig, rollout_context, time_caps
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=2, cond_dim=32, context_chunks=4)
 
@@ -41,3 +41,19 @@ def test_rollout_context_fills_only_the_clean_stream():
 def test_rollout_settings_are_checked():
     with pytest.raises(ValueError, match="rollout-p"):
         RolloutConfig(p=1.5)
+
+
+def test_time_caps_limit_only_the_chunks_with_a_self_made_past():
+    """Chunk P's past is the real opening; chunks P + 1 on see the model's own chunks and train at t <= max_t."""
+    assert torch.equal(time_caps(6, 2, 0.8), torch.tensor([1, 1, 1, 0.8, 0.8, 0.8]))
+    assert time_caps(6, 2, 1.0) is None
+
+
+def test_capped_times_scale_the_same_draws_and_change_nothing_else():
+    x, valid = torch.randn(2, 6 * 8, 64), torch.ones(2, 6, dtype=torch.bool)
+    caps = time_caps(6, 3, 0.5)
+    plain = training_batch(x, valid, FlowConfig(), 4, 8, torch.Generator().manual_seed(1))
+    capped = training_batch(x, valid, FlowConfig(), 4, 8, torch.Generator().manual_seed(1), max_t=caps)
+    assert torch.allclose(capped.t, plain.t * caps) and (capped.t[:, 4:] <= 0.5).all()
+    assert torch.equal(capped.t[:, :4], plain.t[:, :4])
+    assert torch.equal(capped.target, plain.target) and torch.equal(capped.inputs[:, :48], plain.inputs[:, :48])

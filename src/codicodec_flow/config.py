@@ -103,6 +103,10 @@ class TrainConfig:
     # context noise of the rollouts' own chunks (generation's --context-noise default; 0 was an experiment: livelier
     # continuations, streams that grow more; README, evaluation)
     rollout_context_noise: float = 0.02
+    # highest noise level at which a chunk with the model's own chunks in its past trains (1: every level). The levels
+    # above it are where a chunk's overall level is decided: trained there against a self-made past, the real target
+    # pulls continuations toward the collection's average (README, evaluation)
+    rollout_max_t: float = 0.8
     distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 8

@@ -109,11 +109,13 @@ def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.T
 
 def training_batch(x: torch.Tensor, valid: torch.Tensor, cfg: FlowConfig, window: int, chunk_tokens: int,
                    generator: torch.Generator | None = None, context: torch.Tensor | None = None,
-                   noisy_chunks: int | None = None) -> FlowBatch:
+                   noisy_chunks: int | None = None, max_t: torch.Tensor | None = None) -> FlowBatch:
     """Random times, context noise and unconditional chunks for one training batch (context, noisy_chunks: see
-    make_batch)."""
+    make_batch). `max_t` (n,), if given, caps each chunk's time: its draw is scaled into (0, max_t)."""
     B, n = valid.shape
     t = sample_times((B, n), cfg, generator)
+    if max_t is not None:
+        t = t * max_t
     s = cfg.context_noise_max * torch.rand((B, n), generator=generator)
     uncond = torch.rand((B, n), generator=generator) < cfg.p_uncond
     return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context, noisy_chunks)

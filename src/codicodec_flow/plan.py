@@ -71,9 +71,10 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
     # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0,
-    # one saved before anchored rollouts with free ones only, one saved before --noisy-share with all its chunks
+    # one saved before anchored rollouts with free ones only, one saved before --noisy-share with all its chunks,
+    # one saved before --rollout-max-t training its self-continued chunks at every noise level
     saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, "noisy_share": 1.0,
-                   **saved["train"]}
+                   "rollout_max_t": 1.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
@@ -125,8 +126,10 @@ def noisy_chunks_check(cfg: TrainConfig, mcfg: ModelConfig, flag: str = "--noisy
 
 def rollout_config(cfg: TrainConfig) -> RolloutConfig:
     """The rollout settings of a run, checked (--rollout-p, --rollout-solver, --rollout-nfe, --rollout-start,
-    --rollout-anchor-p, --rollout-anchor-t, --rollout-context-noise)."""
+    --rollout-anchor-p, --rollout-anchor-t, --rollout-context-noise, --rollout-max-t)."""
     get_solver(cfg.rollout_solver)  # FlowError naming the choices
+    if not 0.0 < cfg.rollout_max_t <= 1.0:
+        raise FlowError(f"--rollout-max-t must lie in (0, 1] (1: every noise level), got {cfg.rollout_max_t}")
     if not 0.0 <= cfg.rollout_context_noise < 1.0:
         raise FlowError(f"--rollout-context-noise must lie in [0, 1), got {cfg.rollout_context_noise}")
     if not 0.0 <= cfg.rollout_start < 1.0:

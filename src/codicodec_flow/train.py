@@ -35,7 +35,7 @@ from .flow import flow_loss, training_batch, validation_loss
 from .generate import StreamGenerator
 from .model import FlowDiT
 from .plan import Run, distill_config, noisy_chunks_check, noisy_count, rollout_config, rollout_first_step
-from .rollout import rollout_context
+from .rollout import rollout_context, time_caps
 from .util.dashboard import Monitor, QuietMonitor
 from .util.devices import autocast, autocast_dtype, resolve_device
 from .util.fsutil import remove_stale_temporaries, write_text_atomic
@@ -185,9 +185,9 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     loss_sum = torch.zeros((), device=tr.device)
     for micro, mb in enumerate(crops):
         g = mb.generator()
-        context = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
+        context, max_t = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
         batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context,
-                               noisy_count(cfg, mcfg)).to(tr.device)
+                               noisy_count(cfg, mcfg), max_t).to(tr.device)
         if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
             with autocast(tr.device, tr.amp):
                 batch = distill_batch(tr.teacher, batch, distill_config(cfg))
@@ -228,17 +228,17 @@ def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: s
     return teacher.model
 
 
-def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """On a share rollout_p of micro-batches from step rollout_start * max_steps on, the model's own cached
     continuation of each crop's real opening as its context (rollout.py); drawn from the step's generator, so
     resume stays exact, and steps before the start draw nothing (they are a plain run's). None otherwise."""
     cfg = tr.run.train
     if cfg.rollout_p <= 0 or tr.step < rollout_first_step(cfg):
-        return None
+        return None, None
     if float(torch.rand((), generator=g)) >= cfg.rollout_p:
-        return None
-    context, _ = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), cfg.rollout_context_noise, g)
-    return context.cpu()
+        return None, None
+    context, P = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), cfg.rollout_context_noise, g)
+    return context.cpu(), time_caps(x.shape[1] // tr.run.model.chunk_tokens, P, cfg.rollout_max_t)
 
 
 def validate(tr: Trainer) -> dict:

@@ -45,6 +45,8 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--rollout-context-noise", "rollout_context_noise", finite_float, "noise level the rollouts put on their own "
                                                                        "chunks as context: match the --context-noise "
                                                                        "you generate with"),
+    ("--rollout-max-t", "rollout_max_t", finite_float, "highest noise level at which a chunk with the model's own "
+                                                       "chunks in its past trains (1: every level)"),
     ("--rollout-anchor-t", "rollout_anchor_t", finite_float, "noise level anchored chunks start from (1: a fresh "
                                                              "chunk, like a free rollout's)"),
     ("--distill-from", "distill_from", str, "teacher checkpoint (ema.pt): train a few-step student on the teacher's "
