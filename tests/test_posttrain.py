@@ -99,7 +99,8 @@ def test_a_run_saved_before_the_rollout_stage_resumes_as_it_was_trained(ar_data,
     """Checkpoints written before --rollout-p (or --rollout-start, --rollout-anchor-p, --rollout-max-t) existed lack
     the keys: their runs go on without rollouts (or with rollouts from the first step, as --rollout-p then meant, with
     free rollouts only, or with self-continued chunks at every noise level), not with today's defaults."""
-    for missing, expected in ((("rollout_p", "rollout_start", "rollout_anchor_p", "rollout_max_t"), (0.0, 0.0, 0.0, 1.0)),
+    every = ("rollout_p", "rollout_start", "rollout_anchor_p", "rollout_max_t")
+    for missing, expected in ((every, (0.0, 0.0, 0.0, 1.0)),
                               (("rollout_start", "rollout_anchor_p", "rollout_max_t"), (0.5, 0.0, 0.0, 1.0)),
                               (("rollout_anchor_p", "rollout_max_t"), (0.5, 0.8, 0.0, 1.0)),
                               (("rollout_max_t",), (0.5, 0.8, 0.5, 1.0))):

@@ -97,7 +97,6 @@ def rollout_context(model: FlowDiT, x: torch.Tensor, cfg: RolloutConfig, context
     return torch.cat([chunks[:, :P], rolled], dim=1).view_as(x), P
 
 
-
 def time_caps(n: int, P: int, max_t: float) -> torch.Tensor | None:
     """(n,) the highest noise level each chunk of a rollout step trains at: max_t for chunks P + 1 on, whose past
     holds the model's own chunks, 1 for the rest; None when max_t is 1 (training_batch then draws as ever)."""

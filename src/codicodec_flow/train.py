@@ -230,8 +230,9 @@ def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: s
 
 def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """On a share rollout_p of micro-batches from step rollout_start * max_steps on, the model's own cached
-    continuation of each crop's real opening as its context (rollout.py); drawn from the step's generator, so
-    resume stays exact, and steps before the start draw nothing (they are a plain run's). None otherwise."""
+    continuation of each crop's real opening as its context (rollout.py), and the caps on the chunks' noise levels
+    (rollout.time_caps; None at --rollout-max-t 1); drawn from the step's generator, so resume stays exact, and
+    steps before the start draw nothing (they are a plain run's). (None, None) otherwise."""
     cfg = tr.run.train
     if cfg.rollout_p <= 0 or tr.step < rollout_first_step(cfg):
         return None, None
