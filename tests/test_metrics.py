@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, frechet_distance, frechet_report,
-                                               memorisation, prompt_relatedness, spread_parts,
+from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, fd_growth_quarters, frechet_distance,
+                                               frechet_report, memorisation, prompt_relatedness, spread_parts,
                                                spread_ratio)
 
 
@@ -62,6 +62,20 @@ def test_drift_verdicts():
     nan = stationary.clone()
     nan[500] = float("nan")
     assert "NaN" in drift_report(nan, ref)["verdict"]
+
+
+def test_fd_growth_over_quarters_tells_a_trend_from_one_loud_segment():
+    ref = torch.randn(400, 8, 64)
+    stationary = drift_report(torch.randn(1000, 8, 64), ref)
+    assert 0.9 < stationary["fd_growth_quarters"] < 1.1
+    episode = torch.randn(1000, 8, 64)
+    episode[950:] *= 3  # one loud last segment: the last-over-first figure jumps, the quarters' much less
+    d = drift_report(episode, ref)
+    assert d["fd_growth"] > 10 and d["fd_growth_quarters"] < 1.2
+    trend = torch.randn(1000, 8, 64) * torch.linspace(1, 2, 1000)[:, None, None]  # spreading out all along
+    assert drift_report(trend, ref)["fd_growth_quarters"] > 3
+    assert fd_growth_quarters([2.0, 4.0]) == 2.0 and fd_growth_quarters([1.0]) is None
+    assert fd_growth_quarters([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(7.5 / 1.5)
 
 
 def test_drift_reports_what_real_segments_score():

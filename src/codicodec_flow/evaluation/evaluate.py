@@ -282,7 +282,9 @@ def summary(report: dict) -> list[str]:
         lines.append(f"rollout of {ro['streams']} x {ro['chunks']} chunks ({ro['minutes']:.1f} min): {ro['verdict']}; spread "
                      f"{ro['spread_min']:.2f}-{ro['spread_max']:.2f}x real music's; segment FD "
                      f"{ro['segments'][0]['fd']:.1f} -> {ro['segments'][-1]['fd']:.1f}"
-                     + (f" (real held-out segments: {base:.1f})" if base is not None else "") if ro["segments"] else
+                     + (f" (real held-out segments: {base:.1f})" if base is not None else "")
+                     + (f", last quarter / first {ro['fd_growth_quarters']:.2f}x"
+                        if ro.get("fd_growth_quarters") is not None else "") if ro["segments"] else
                      f"rollout of {ro['chunks']} chunks: {ro['verdict']}")
     lines += [f"plot: {p}" for p in report["plots"].values()]
     return lines
