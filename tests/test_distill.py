@@ -6,7 +6,8 @@ import torch
 
 from codicodec_flow.checkpoint import load_bundle, load_checkpoint
 from codicodec_flow.config import MODEL_PRESETS, FlowConfig, SampleConfig
-from codicodec_flow.distill import DistillConfig, batch_noise, distill_batch, reflow_batch, teacher_samples
+from codicodec_flow.distill import (DistillConfig, batch_noise, chunk_velocity, distill_batch, landing_batch,
+                                   reflow_batch, teacher_samples)
 from codicodec_flow.errors import CheckpointError, FlowError
 from codicodec_flow.flow import flow_loss, make_batch, training_batch
 from codicodec_flow.generate import StreamGenerator
@@ -67,6 +68,34 @@ def test_reflow_batch_keeps_noise_times_and_context_and_swaps_the_data():
     torch.testing.assert_close(other.target, batch_noise(batch) - z, atol=1e-5, rtol=0)
 
 
+def test_landing_chunks_start_where_the_students_first_step_lands_and_head_for_the_teachers_chunk():
+    """Picked chunks (t >= 1/4) sit where one Euler step of the student from the batch's noise lands at their t, and
+    one more step from there to t = 0 lands on the teacher's chunk; the others are the ordinary reflow batch."""
+    student = randomised_model(CFG, seed=7, scale=0.1)
+    x = crops(6, 4, seed=2)
+    g = torch.Generator().manual_seed(0)
+    batch = training_batch(x, torch.ones(4, 6, dtype=torch.bool), FlowConfig(t_dist="uniform"), CFG.context_chunks, 8,
+                           g)
+    z = torch.randn_like(x)
+    plain = reflow_batch(batch, z)
+    none = landing_batch(student, batch, z, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(none.inputs, plain.inputs) and torch.equal(none.target, plain.target)
+    out = landing_batch(student, batch, z, 1.0, torch.Generator().manual_seed(1))
+    L = x.shape[1]
+    eps = batch_noise(batch)
+    with torch.no_grad():
+        v1 = chunk_velocity(student.eval(), batch)(eps, torch.ones(eps.shape[:2]))
+    t = batch.times[:, L:, None]
+    picked = (t >= 0.25).expand_as(z)
+    assert picked.any() and (~picked).any()
+    noisy = out.inputs[:, L:]
+    torch.testing.assert_close(noisy[picked], (eps - (1 - t) * v1)[picked], atol=1e-5, rtol=0)
+    torch.testing.assert_close((noisy - t * out.target)[picked], z[picked], atol=1e-4, rtol=0)
+    assert torch.equal(noisy[~picked], plain.inputs[:, L:][~picked])
+    assert torch.equal(out.target[~picked], plain.target[~picked])
+    assert torch.equal(out.inputs[:, :L], batch.inputs[:, :L]) and torch.equal(out.times, batch.times)
+
+
 def one_step_error(model: FlowDiT, teacher: FlowDiT, seed: int) -> float:
     """Mean squared distance of a one-evaluation sample from the teacher's 8-evaluation one, same noise and past."""
     batch = clean_batch(crops(6, 8, seed=100 + seed), seed=seed)
@@ -101,7 +130,7 @@ def test_student_at_one_evaluation_beats_its_teacher_at_one():
 def test_train_distill_from_runs_resumes_and_records_its_teacher(ar_data, tmp_path):
     run_train(tiny_run(ar_data, tmp_path / "teacher"))
     teacher = tmp_path / "teacher" / "ema.pt"
-    over = dict(distill_from=str(teacher), distill_solver="euler", distill_nfe=2)
+    over = dict(distill_from=str(teacher), distill_solver="euler", distill_nfe=2, distill_landing=0.5)
     run_train(tiny_run(ar_data, tmp_path / "straight", **over))
     run_train(tiny_run(ar_data, tmp_path / "split", **over), stop_at=3)
     run_train(tiny_run(ar_data, tmp_path / "split", resume=True, **over))
@@ -117,7 +146,8 @@ def test_train_distill_from_runs_resumes_and_records_its_teacher(ar_data, tmp_pa
 
 
 @pytest.mark.parametrize("over, said", [({"distill_solver": "magic"}, "unknown solver"),
-                                        ({"distill_nfe": 0}, "NFE"), ({"distill_cfg": -1.0}, "distill-cfg")])
+                                        ({"distill_nfe": 0}, "NFE"), ({"distill_cfg": -1.0}, "distill-cfg"),
+                                        ({"distill_landing": 1.5}, "distill-landing")])
 def test_bad_distill_settings_are_refused_at_setup(ar_data, tmp_path, over, said):
     run_train(tiny_run(ar_data, tmp_path / "teacher", max_steps=1))
     with pytest.raises(FlowError, match=said):

@@ -74,7 +74,7 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     # one saved before anchored rollouts with free ones only, one saved before --noisy-share with all its chunks,
     # one saved before --rollout-max-t training its self-continued chunks at every noise level
     saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, "noisy_share": 1.0,
-                   "rollout_max_t": 1.0, **saved["train"]}
+                   "rollout_max_t": 1.0, "distill_landing": 0.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
     return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
@@ -142,9 +142,11 @@ def rollout_config(cfg: TrainConfig) -> RolloutConfig:
 
 
 def distill_config(cfg: TrainConfig) -> DistillConfig:
-    """The distillation settings of a run, checked (--distill-solver, --distill-nfe, --distill-cfg)."""
+    """The distillation settings of a run, checked (--distill-solver, --distill-nfe, --distill-cfg,
+    --distill-landing)."""
     try:
-        return DistillConfig(solver=cfg.distill_solver, nfe=cfg.distill_nfe, cfg_scale=cfg.distill_cfg)
+        return DistillConfig(solver=cfg.distill_solver, nfe=cfg.distill_nfe, cfg_scale=cfg.distill_cfg,
+                             landing=cfg.distill_landing)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
 

@@ -190,7 +190,7 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
                                noisy_count(cfg, mcfg), max_t).to(tr.device)
         if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
             with autocast(tr.device, tr.amp):
-                batch = distill_batch(tr.teacher, batch, distill_config(cfg))
+                batch = distill_batch(tr.teacher, batch, distill_config(cfg), tr.model, g)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if tr.world == 1 or last else tr.net.no_sync():
             with autocast(tr.device, tr.amp):

@@ -56,6 +56,9 @@ _TRAIN_FLAGS = [  # (flag, TrainConfig field, type, help)
     ("--distill-nfe", "distill_nfe", int, "teacher evaluations per sampled chunk"),
     ("--distill-cfg", "distill_cfg", finite_float, "guidance scale the teacher samples with, distilled into the "
                                                    "student (1: none)"),
+    ("--distill-landing", "distill_landing", finite_float, "share of the student's chunks trained from where its own "
+                                                           "first step lands, toward the teacher's chunk (0: plain "
+                                                           "reflow)"),
 ]
 _MODEL_FLAGS = [("--dim", "dim", int, "transformer width"), ("--n-layers", "n_layers", int, "transformer blocks"),
                 ("--n-heads", "n_heads", int, "attention heads"), ("--cond-dim", "cond_dim", int, "time-embedding width"),
