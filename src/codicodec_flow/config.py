@@ -111,7 +111,7 @@ class TrainConfig:
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 8
     distill_cfg: float = 1.0  # classifier-free guidance the teacher samples with, learnt by the student; 1: none
-    distill_landing: float = 0.0  # share of chunks trained from where the student's own first step lands (distill.py)
+    distill_landing: float = 1.0  # share of chunks trained from where the student's own first step lands (distill.py)
     tui: bool = True
 
 

@@ -45,7 +45,7 @@ class DistillConfig:
     solver: str = "heun"
     nfe: int = 8
     cfg_scale: float = 1.0  # guidance distilled into the student's conditional branch; 1 = none
-    landing: float = 0.0  # share of chunks trained from where the student's own first step lands (landing_batch)
+    landing: float = 1.0  # share of chunks trained from where the student's own first step lands (landing_batch)
 
     def __post_init__(self):
         steps_for(self.solver, self.nfe)  # FlowError naming the solvers, or the NFE's problem

@@ -72,7 +72,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
     # a run saved before rollouts existed goes on without them, one saved before the stage had a start from step 0,
     # one saved before anchored rollouts with free ones only, one saved before --noisy-share with all its chunks,
-    # one saved before --rollout-max-t training its self-continued chunks at every noise level
+    # one saved before --rollout-max-t training its self-continued chunks at every noise level, a student saved before
+    # --distill-landing on the plain reflow line
     saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, "noisy_share": 1.0,
                    "rollout_max_t": 1.0, "distill_landing": 0.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
