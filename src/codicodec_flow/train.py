@@ -300,7 +300,8 @@ def run_train(run: Run, sample_hook=None, stop_at: int | None = None) -> dict:
                 monitor.event(f"step {step}: saved {kind} checkpoint to {out}/{LAST} and ema.pt")
             if step == stop_at:
                 break
-    if tr.world > 1:
+    if tr.world > 1:  # the others wait for rank 0's last validation and save: a rank that leaves the group early
+        dist.barrier()  # can abort at exit, and torchrun then stops rank 0 wherever it is
         dist.destroy_process_group()
     return metrics
 
