@@ -105,10 +105,10 @@ def step_error(model: FlowDiT, teacher: FlowDiT, nfe: int, seed: int) -> float:
     return float((few - target).pow(2).mean())
 
 
-def distilled(teacher: FlowDiT, cfg: DistillConfig, steps: int, start: FlowDiT | None = None) -> FlowDiT:
-    """A student trained `steps` steps on the teacher's samples from `start`'s weights (the teacher's by default)."""
+def distilled(teacher: FlowDiT, cfg: DistillConfig, steps: int) -> FlowDiT:
+    """A student trained `steps` steps on the teacher's samples, from the teacher's weights."""
     student = FlowDiT(CFG)
-    student.load_state_dict((start or teacher).state_dict())
+    student.load_state_dict(teacher.state_dict())
     student.train()
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
