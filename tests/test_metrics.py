@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from codicodec_flow.evaluation.metrics import (SpreadBand, drift_report, fd_growth_quarters, frechet_distance,
-                                               frechet_report, memorisation, prompt_relatedness, spread_parts,
-                                               spread_ratio)
+                                               frechet_report, growth_intervals, memorisation, prompt_relatedness,
+                                               spread_parts, spread_ratio)
 
 
 def gauss(n, d=8, mu=0.0, scale=1.0, seed=0):
@@ -76,6 +76,24 @@ def test_fd_growth_over_quarters_tells_a_trend_from_one_loud_segment():
     assert drift_report(trend, ref)["fd_growth_quarters"] > 3
     assert fd_growth_quarters([2.0, 4.0]) == 2.0 and fd_growth_quarters([1.0]) is None
     assert fd_growth_quarters([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(7.5 / 1.5)
+
+
+def test_growth_intervals_say_how_far_the_figures_move_over_streams():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(400, 8, 64, generator=g)
+    still = drift_report(torch.randn(16, 400, 8, 64, generator=g), ref)  # 16 stationary streams, 8 segments
+    iv = still["growth_intervals"]
+    for name in ("fd_growth", "fd_growth_quarters"):
+        lo, hi = iv[f"{name}_interval"]
+        assert 0.9 < lo <= still[name] <= hi < 1.1 and hi > lo and iv["interval_level"] == 0.9
+    widening = torch.randn(16, 400, 8, 64, generator=g) * torch.linspace(1, 1.5, 400)[:, None, None]  # all drift
+    assert drift_report(widening, ref)["growth_intervals"]["fd_growth_quarters_interval"][0] > 1.5
+    assert drift_report(torch.randn(400, 8, 64), ref)["growth_intervals"] is None  # one stream: nothing to redraw
+    # streams that agree leave nothing to redraw; one stream alone carrying the growth widens the interval
+    same = growth_intervals(torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]]))
+    assert same["fd_growth_interval"] == pytest.approx([2.0, 2.0])
+    lo, hi = growth_intervals(torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 5.0]]))["fd_growth_interval"]
+    assert lo == pytest.approx(1.0) and hi > 2.0
 
 
 def test_drift_reports_what_real_segments_score():

@@ -283,8 +283,22 @@ def summary(report: dict) -> list[str]:
                      f"{ro['spread_min']:.2f}-{ro['spread_max']:.2f}x real music's; segment FD "
                      f"{ro['segments'][0]['fd']:.1f} -> {ro['segments'][-1]['fd']:.1f}"
                      + (f" (real held-out segments: {base:.1f})" if base is not None else "")
-                     + (f", last quarter / first {ro['fd_growth_quarters']:.2f}x"
-                        if ro.get("fd_growth_quarters") is not None else "") if ro["segments"] else
+                     + _growth(ro) if ro["segments"] else
                      f"rollout of {ro['chunks']} chunks: {ro['verdict']}")
     lines += [f"plot: {p}" for p in report["plots"].values()]
     return lines
+
+
+def _growth(ro: dict) -> str:
+    """The rollout's FD growth figures for the summary line, each with its interval over streams where known."""
+    iv = ro.get("growth_intervals") or {}
+
+    def figure(name: str, value: float | None) -> str:
+        span = iv.get(f"{name}_interval")
+        return f"{value:.2f}x" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
+    if ro.get("fd_growth") is None:
+        return ""
+    text = f"; FD growth last / first segment {figure('fd_growth', ro['fd_growth'])}"
+    if ro.get("fd_growth_quarters") is not None:
+        text += f", last / first quarter {figure('fd_growth_quarters', ro['fd_growth_quarters'])}"
+    return text + (f" ({100 * iv['interval_level']:.0f} % intervals over streams)" if iv else "")

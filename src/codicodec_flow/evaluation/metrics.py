@@ -169,6 +169,30 @@ def fd_growth_quarters(fds: list[float]) -> float | None:
     return statistics.median(fds[-q:]) / statistics.median(fds[:q])
 
 
+GROWTH_LEVEL = 0.9  # the bootstrap intervals of the FD growth figures: the central 90 % of redrawn stream sets
+GROWTH_DRAWS = 2000
+
+
+def growth_intervals(stream_fd: torch.Tensor, level: float = GROWTH_LEVEL, draws: int = GROWTH_DRAWS,
+                     seed: int = 0) -> dict | None:
+    """Bootstrap intervals over streams of `fd_growth` and `fd_growth_quarters`, from each stream's FD per segment
+    stream_fd (n_segments, S): the streams are redrawn with replacement, as another set of prompts and noise
+    would give, and each figure is recomputed from the redrawn streams' mean segment FDs. How far a run's figure
+    can move on a second evaluation, without another run: with 16 streams the last-over-first figure moves by
+    tenths. None with fewer than 2 streams or 2 segments."""
+    n, S = stream_fd.shape
+    if n < 2 or S < 2:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = stream_fd.double()[:, torch.randint(S, (draws, S), generator=g)].mean(-1)  # (n, draws)
+    q = max(1, n // 4)
+    first = means[:q].quantile(0.5, dim=0).clamp_min(1e-12)  # median over segments, as statistics.median
+    figures = {"fd_growth_interval": means[-1] / means[0].clamp_min(1e-12),
+               "fd_growth_quarters_interval": means[-q:].quantile(0.5, dim=0) / first}
+    bounds = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {"interval_level": level, **{k: [float(b) for b in v.quantile(bounds)] for k, v in figures.items()}}
+
+
 def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Tensor], segment: int = 50,
                  limits: DriftLimits = DriftLimits(), stream_pieces: list[int] | None = None) -> dict:
     """Per-segment statistics of long rollouts (S, T, 8, 64) (or one, (T, 8, 64)) against reference data: one
@@ -201,7 +225,7 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Ten
         per_stream = torch.tensor([own[i] for i in stream_pieces], dtype=torch.float64)
     else:
         per_stream = torch.full((streams.shape[0],), real_spread, dtype=torch.float64)
-    segs = []
+    segs, stream_fd = [], []
     for start in range(0, streams.shape[1] - segment + 1, segment):
         part = streams[:, start:start + segment].double()  # (S, segment, 8, 64)
         if not torch.isfinite(part).all():
@@ -209,6 +233,7 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Ten
                          "spread": float("inf")})
             continue
         stats = torch.tensor([_segment_stats(token_frames(z), ref, ref_mu, ref_sd) for z in part])  # (S, 3)
+        stream_fd.append(stats[:, 0])
         fd, shift, std_ratio = (float(v) for v in stats.mean(0))
         segs.append({"start": start, "fd": fd, "mean_shift": shift, "std_ratio": std_ratio,
                      "spread": float((stats[:, 2] / per_stream).mean())})
@@ -232,6 +257,7 @@ def drift_report(rollout: torch.Tensor, reference: torch.Tensor | list[torch.Ten
     return {"finite": finite, "streams": streams.shape[0], "segments": segs, "real_segment_fd": baseline,
             "fd_growth": segs[-1]["fd"] / segs[0]["fd"] if segs and finite and segs[0]["fd"] > 0 else None,
             "fd_growth_quarters": fd_growth_quarters([s["fd"] for s in segs]) if finite else None,
+            "growth_intervals": growth_intervals(torch.stack(stream_fd)) if finite and stream_fd else None,
             "real_segment_std_ratio": real_spread,
             "spread_reference": "each stream's own piece" if stream_pieces is not None else "the collection",
             "spread_min": min(spreads) if spreads else None, "spread_max": max(spreads) if spreads else None,
