@@ -43,7 +43,7 @@ from .solvers import integrate, steps_for
 class DistillConfig:
     """How the teacher samples the chunks its student learns from."""
     solver: str = "heun"
-    nfe: int = 8
+    nfe: int = 16
     cfg_scale: float = 1.0  # guidance distilled into the student's conditional branch; 1 = none
     landing: float = 1.0  # share of chunks trained from where the student's own first step lands (landing_batch)
 
