@@ -293,7 +293,7 @@ def _growth(ro: dict) -> str:
     """The rollout's FD growth figures for the summary line, each with its interval over streams where known."""
     iv = ro.get("growth_intervals") or {}
 
-    def figure(name: str, value: float | None) -> str:
+    def figure(name: str, value: float) -> str:
         span = iv.get(f"{name}_interval")
         return f"{value:.2f}x" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
     if ro.get("fd_growth") is None:
