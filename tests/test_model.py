@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from codicodec_flow.cache import KVCache
 from codicodec_flow.config import MODEL_PRESETS, ModelConfig
 from codicodec_flow.model import Chunk, FlowDiT, clean_mask, stream_mask
 
@@ -184,6 +185,34 @@ def test_hours_into_a_stream_the_step_is_as_exact_as_at_its_start():
             out.append(m.forward_cached(x, t, cache))
     near, late = (out[1] - out[0]).abs().max(), (out[2] - out[0]).abs().max()
     assert late <= 1.01 * near + 1e-6 and late < 1e-4, (near, late)
+
+
+def test_group_tables_kept_across_a_stream_equal_fresh_ones():
+    """A cache keeps its masks (by where the ring turns) and rotation tables (64 chunks at a time) across chunks:
+    through ring wraps, rewinds, narrowed windows and table refills, every group it hands out must equal the
+    one a new cache in the same state computes from nothing."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, cond_dim=32, context_chunks=3)
+    kept = KVCache.empty(cfg, 1, "cpu", torch.float32, spare=2, scratch=3)
+    layouts = [("cond",), ("context", "cond"), ("context", "context", "cond"), ("cond", "uncond"),
+               ("context", "cond", "uncond"), ("context",)]
+    reused = 0
+    for step in range(200):
+        if step % 37 == 36 and kept.rewindable >= 2:
+            kept.rewind(2)
+        kept.set_active(2 if step % 50 >= 40 else None)
+        for roles in layouts:
+            fresh = KVCache.empty(cfg, 1, "cpu", torch.float32, spare=2, scratch=3)
+            fresh.n, fresh.valid, fresh.active = kept.n, kept.valid, kept.active
+            (mask, rope), (want_mask, want_rope) = kept.group(roles), fresh.group(roles)
+            assert (mask is None) == (want_mask is None), (step, roles)
+            if mask is not None:
+                assert torch.equal(mask, want_mask), (step, roles)
+            assert torch.equal(rope[0], want_rope[0]) and torch.equal(rope[1], want_rope[1]), (step, roles)
+        reused += kept.valid == kept.slots and len(kept._masks) < kept.n
+        kept.n, kept.valid = kept.n + 1, min(kept.valid + 1, kept.slots)
+    assert reused > 100  # the steady state was reached and its masks were kept, not rebuilt
+    with pytest.raises(ValueError, match="context chunks come first"):
+        kept.group(("cond", "context"))
 
 
 @pytest.mark.parametrize("active", [None, 2])

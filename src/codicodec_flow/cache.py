@@ -4,7 +4,7 @@ Layout along the token axis of every buffer: a ring of S = W + spare chunk slots
 then `scratch` x 8 scratch slots for the chunks of one pass (see `group`; 3 by default). Keys are stored
 rotated once, at their own absolute positions (chunk n's tokens sit at n * 8 + j); because rotary attention
 depends only on offsets, a later query rotated at its own absolute position sees exactly the offsets training saw.
-The tables are computed in float64 per chunk, so position four million is as exact as position 0 and
+The tables are computed in float64 (64 chunks' at a time), so position four million is as exact as position 0 and
 a stream can run for hours at constant cost and precision. Nothing here grows, and no key is ever
 rotated twice.
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 ROLES = ("context", "cond", "uncond")
 SCRATCH_CHUNKS = 3  # one pass can carry a finished chunk joining the context, the new chunk and its unguided twin
+ROPE_AHEAD = 64  # chunks whose rotation tables are computed (and copied to the device) at once
 
 
 @dataclass
@@ -45,6 +46,9 @@ class KVCache:
     scratch: int = SCRATCH_CHUNKS  # chunks one pass may carry
     valid: int = 0  # the newest chunks whose ring slots hold them (<= n; less only after a rewind)
     _groups: dict = field(default_factory=dict)  # (n, valid, active, roles) -> (mask, rotation tables)
+    _masks: dict = field(default_factory=dict)  # masks by where the ring turns (group)
+    _rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # rotation tables of ROPE_AHEAD chunks ...
+    _rope_first: int = 0  # ... from this one on
     graphs: "PassGraphs | None" = None  # CUDA graphs of the passes over these buffers (graphs.py); None: eager
 
     @staticmethod
@@ -71,6 +75,7 @@ class KVCache:
         """Forget the past (buffers are kept; masks hide stale slots)."""
         self.n = self.valid = 0
         self._groups.clear()
+        self._masks.clear()
 
     @property
     def rewindable(self) -> int:
@@ -112,24 +117,43 @@ class KVCache:
         chunk, n + m; it sees the ring and the context chunks inside its window, and itself) and/or "uncond" (the
         same chunk without context: only itself). The mask is None where every key is seen (one conditional
         chunk once the window is full and no spare slots): no masking cost in the steady state.
-        Computed once per chunk and roles, not per step.
+
+        Made once per chunk and roles (the same objects for every evaluation of a chunk), from tables kept on the
+        device: with a full ring the mask depends only on n mod S, so a stream cycles through S of them, and the
+        rotation tables are computed ROPE_AHEAD chunks at a time. So a chunk copies nothing from the host: each
+        such copy makes the host wait for the GPU, which on a fast GPU cost more than a few-step chunk's arithmetic.
         """
         key = (self.n, self.valid, self.active, roles)
         if key not in self._groups:
             if len(self._groups) > 8:
                 self._groups.clear()
-            self._groups[key] = self._build_group(roles)
+            m = self._leading(roles)
+            self._groups[key] = (self._mask(roles, m), self._rope(roles, m))
         return self._groups[key]
 
-    def _build_group(self, roles: tuple[str, ...]):
-        W, S, T, G = self.window, self.slots, self.chunk_tokens, len(roles)
-        m = next((i for i, role in enumerate(roles) if role != "context"), G)  # leading context chunks
-        if "context" in roles[m:] or G > self.scratch or not set(roles) <= set(ROLES):
+    def _leading(self, roles: tuple[str, ...]) -> int:
+        """How many context chunks lead the group (checking that the roles make a valid pass)."""
+        m = next((i for i, role in enumerate(roles) if role != "context"), len(roles))
+        if "context" in roles[m:] or len(roles) > self.scratch or not set(roles) <= set(ROLES):
             raise ValueError(f"roles {roles}: context chunks come first, at most {self.scratch} chunks")
-        device, seen = self.k.device, self.active or W
+        return m
+
+    def _mask(self, roles: tuple[str, ...], m: int) -> torch.Tensor | None:
+        seen = self.active or self.window
+        # once the ring is full (valid == S: every slot holds the chunk its position says), which slots a chunk
+        # sees depends only on where the ring turns, n mod S
+        key = (roles, seen, self.n % self.slots) if self.valid == self.slots else (roles, seen, self.n, self.valid)
+        if key not in self._masks:
+            if len(self._masks) >= 4 * self.slots + 16:  # changing windows or rewinds: stay bounded
+                self._masks.clear()
+            self._masks[key] = self._build_mask(roles, m, seen)
+        return self._masks[key]
+
+    def _build_mask(self, roles: tuple[str, ...], m: int, seen: int) -> torch.Tensor | None:
+        S, T, G = self.slots, self.chunk_tokens, len(roles)
         slot_chunk = self.n - 1 - (self.n - 1 - torch.arange(S)) % S  # (S,) the chunk each ring slot holds
         held = slot_chunk >= max(0, self.n - self.valid)  # written, and not a rewound chunk's leftovers
-        rows, positions = [], []
+        rows = []
         for g, role in enumerate(roles):
             e = self.n + min(g, m)  # the chunk index this one is evaluated as
             ring = held & (e - slot_chunk <= seen)  # inside its window
@@ -140,10 +164,21 @@ class KVCache:
             if role != "uncond":  # the chunks joining the context before it, inside its window
                 scratch[:min(g, m)] = e - (self.n + torch.arange(min(g, m))) <= seen
             rows.append(torch.cat([ring, scratch]).repeat_interleave(T)[None].expand(T, -1))  # (8, R + G * 8)
-            positions.append(torch.arange(e * T, (e + 1) * T))
         mask = torch.cat(rows)[None, None]  # (1, 1, G * 8, R + G * 8), read here on the host, then moved
-        rope = rope_table(torch.cat(positions), self.k.shape[-1], self.rope_base, device)  # (G * 8, hd) each
-        return (None if bool(mask.all()) else mask.to(device)), rope
+        return None if bool(mask.all()) else mask.to(self.k.device)
+
+    def _rope(self, roles: tuple[str, ...], m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = [self.n + min(g, m) for g in range(len(roles))]  # the position of each, in chunks
+        first = self._rope_first
+        if self._rope_tables is None or chunks[0] < first or chunks[-1] >= first + ROPE_AHEAD:
+            first = self._rope_first = chunks[0]
+            T = self.chunk_tokens
+            self._rope_tables = rope_table(torch.arange(first * T, (first + ROPE_AHEAD) * T), self.k.shape[-1],
+                                           self.rope_base, self.k.device)  # (ROPE_AHEAD * 8, hd) each
+        rows = [slice((c - first) * self.chunk_tokens, (c - first + 1) * self.chunk_tokens) for c in chunks]
+        if chunks == list(range(chunks[0], chunks[-1] + 1)):  # consecutive (no unguided twin): one view
+            return tuple(tab[rows[0].start:rows[-1].stop] for tab in self._rope_tables)
+        return tuple(torch.cat([tab[r] for r in rows]) for tab in self._rope_tables)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor,
               rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
