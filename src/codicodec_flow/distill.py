@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .config import TrainConfig
 from .flow import FlowBatch, target_velocity
 from .model import FlowDiT
 from .solvers import integrate, steps_for
@@ -41,11 +42,12 @@ from .solvers import integrate, steps_for
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How the teacher samples the chunks its student learns from."""
-    solver: str = "heun"
-    nfe: int = 16
-    cfg_scale: float = 1.0  # guidance distilled into the student's conditional branch; 1 = none
-    landing: float = 1.0  # share of chunks trained from where the student's own first step lands (landing_batch)
+    """How the teacher samples the chunks its student learns from (defaults: train's, TrainConfig.distill_*)."""
+    solver: str = TrainConfig.distill_solver
+    nfe: int = TrainConfig.distill_nfe
+    cfg_scale: float = TrainConfig.distill_cfg  # guidance distilled into the student's conditional branch; 1 = none
+    landing: float = TrainConfig.distill_landing  # share of chunks trained from where the student's own first step
+    #                                               lands (landing_batch)
 
     def __post_init__(self):
         steps_for(self.solver, self.nfe)  # FlowError naming the solvers, or the NFE's problem
