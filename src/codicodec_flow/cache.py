@@ -121,7 +121,7 @@ class KVCache:
         Made once per chunk and roles (the same objects for every evaluation of a chunk), from tables kept on the
         device: with a full ring the mask depends only on n mod S, so a stream cycles through S of them, and the
         rotation tables are computed ROPE_AHEAD chunks at a time. So a chunk copies nothing from the host: each
-        such copy makes the host wait for the GPU, which on a fast GPU cost more than a few-step chunk's arithmetic.
+        such copy makes the host wait for the GPU (on an H200 they were a third of a graphed NFE 2 chunk).
         """
         key = (self.n, self.valid, self.active, roles)
         if key not in self._groups:
