@@ -1,8 +1,9 @@
-"""CUDA graphs of the cached pass (graphs.py, --cuda-graphs): the graphed stream equals the eager one.
+"""CUDA graphs of the cached pass and of whole chunks (graphs.py, --cuda-graphs): the graphed stream equals the
+eager one.
 
-On a CPU the graphs' static-buffer plumbing runs eagerly (capture=False) and must give exactly the plain stream;
-on a CUDA GPU (the `gpu` tests, skipped elsewhere) the captured graphs are replayed and checked against eager
-PyTorch, with no host synchronisation inside an evaluation.
+On a CPU the graphs' static-buffer plumbing and the device positions run eagerly (capture=False) and must give
+exactly the plain stream; on a CUDA GPU (the `gpu` tests, skipped elsewhere) the captured graphs are replayed and
+checked against eager PyTorch, with no host synchronisation inside an evaluation or a steady-state chunk.
 """
 import pytest
 import torch
@@ -11,7 +12,7 @@ from codicodec_flow.commands.cli import main
 from codicodec_flow.config import ModelConfig, SampleConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator
-from codicodec_flow.graphs import PassGraphs
+from codicodec_flow.graphs import ChunkGraphs, PassGraphs
 from codicodec_flow.latents import LatentStats
 from codicodec_flow.solvers import _t, integrate, time_value
 from conftest import randomised_model
@@ -27,12 +28,16 @@ def gpu(test):
                                                                "only there)")(test))
 
 
-def _pair(model, device, amp=None, **kw):
-    """A plain generator and one whose passes go through PassGraphs (captured on CUDA, eager on the CPU)."""
+def _pair(model, device, amp=None, chunks=False, generator=StreamGenerator, **kw):
+    """A plain generator and one whose passes go through PassGraphs and, with `chunks`, whose steady-state chunks
+    go through ChunkGraphs (captured on CUDA, eager on the CPU)."""
     kw = dict(dict(solver="euler", nfe=4, seed=4), **kw)
-    plain = StreamGenerator(model, STATS, SampleConfig(**kw), device, amp)
-    graphed = StreamGenerator(model, STATS, SampleConfig(**kw), device, amp)
-    graphed.cache.graphs = PassGraphs(graphed.model, amp, capture=torch.device(device).type == "cuda")
+    plain = generator(model, STATS, SampleConfig(**kw), device, amp)
+    graphed = generator(model, STATS, SampleConfig(**kw), device, amp)
+    capture = torch.device(device).type == "cuda"
+    graphed.cache.graphs = PassGraphs(graphed.model, amp, capture=capture)
+    if chunks:
+        graphed.chunk_graphs = ChunkGraphs(graphed, amp, capture=capture)
     return plain, graphed
 
 
@@ -42,7 +47,7 @@ def _script(g: StreamGenerator, prompt: torch.Tensor) -> torch.Tensor:
     g.prefill(prompt)
     out = [g.generate(5)]  # window 3: masks while it fills, then the steady state, the ring wrapping
     g.reserve_rewind(2)  # a new cache: the graphs must be captured again over its buffers
-    out.append(g.generate(2))
+    out.append(g.generate(7))  # ... and the ring fills again (5 slots)
     kept = [g.add_context(torch.randn(g.batch, 8, 64, generator=torch.Generator().manual_seed(k)).to(g.device))
             for k in range(2)]
     g.rewind(2)
@@ -67,6 +72,45 @@ def test_graph_buffers_give_exactly_the_plain_stream(kw):
     assert max(e.runs for e in graphs._entries.values()) >= 8  # buffers reused across chunks
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(solver="heun", nfe=4, num_samples=2), dict(solver="midpoint", nfe=4,
+                                                                                       cfg_scale=2.0)])
+def test_whole_chunks_at_device_positions_give_exactly_the_plain_stream(kw):
+    """A whole chunk run at the cache's device position (one replay a chunk on CUDA) computes exactly the plain
+    chunk at every ring position, through a resize, rewinds, a context window narrowed mid-stream and the rotation tables'
+    window moving on."""
+    model = randomised_model(CFG)
+    plain, graphed = _pair(model, "cpu", chunks=True, **kw)
+    prompt = torch.randn(2, 8, 64)
+    a, b = _script(plain, prompt), _script(graphed, prompt)
+    for g in (plain, graphed):
+        g.cache.set_active(2)
+    a, b = torch.cat([a, plain.generate(70)], 1), torch.cat([b, graphed.generate(70)], 1)  # rotation tables move on
+    assert torch.equal(a, b)
+    runs = {key[1]: entry.runs for key, entry in graphed.chunk_graphs._entries.items()}  # by context window
+    assert runs[None] >= 5 and runs[2] == 69  # one layout per window since the resize: every steady chunk but the
+    #                                          layout's first (run pass by pass: it may never come back) through it
+
+
+def test_live_chunks_with_steering_go_through_chunk_graphs():
+    """The live generator drafts through the same solve: steered and crossfaded chunks equal the plain ones."""
+    from codicodec_flow.realtime.generator import LiveGenerator
+    from codicodec_flow.realtime.state import Controls
+    model = randomised_model(CFG)
+    plain, graphed = _pair(model, "cpu", chunks=True, generator=LiveGenerator)
+    prompt = torch.randn(3, 8, 64)
+    outs = []
+    for g in (plain, graphed):
+        g.configure(Controls(solver="euler", nfe=4, seed=4, context_chunks=3, channel_scale=(1.1,) * 64,
+                             token_bias=(0.1,) * 8))
+        g.prefill(prompt)
+        first = g.generate(4)
+        g.configure(Controls(solver="euler", nfe=4, seed=5, context_chunks=3))  # a new seed crossfades
+        outs.append(torch.cat([first, g.generate(4)], 1))
+    assert torch.equal(*outs)
+    # the prompt filled the ring; the first chunk (nothing joins) and the next (the layout's first) run pass by pass
+    assert sum(e.runs for e in graphed.chunk_graphs._entries.values()) == 6
+
+
 def test_cuda_graphs_are_refused_off_cuda(capsys):
     model = randomised_model(CFG)
     with pytest.raises(FlowError, match="needs a CUDA device"):
@@ -74,6 +118,8 @@ def test_cuda_graphs_are_refused_off_cuda(capsys):
     if not CUDA:
         with pytest.raises(FlowError, match="CUDA GPU"):
             PassGraphs(model)
+        with pytest.raises(FlowError, match="CUDA GPU"):
+            ChunkGraphs(StreamGenerator(model, STATS, SampleConfig(), "cpu"))
     assert main(["bench", "--device", "cpu", "--sizes", "small", "--backends", "torch,cuda-graphs", "--codec", "none",
                  "--long-chunks", "0", "--train-steps", "0"]) == 2
     assert "needs --device cuda" in capsys.readouterr().err
@@ -103,6 +149,39 @@ def test_cuda_graphs_equal_eager(amp):
     tol = 1e-5 if amp is None else 2e-2
     torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     assert graphed.cache.graphs.captured >= 2
+
+
+@gpu
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_whole_chunk_graphs_equal_eager(amp):
+    """The generator's own --cuda-graphs: per-pass graphs while the ring fills, then one replay a chunk."""
+    model = randomised_model(CFG).cuda()
+    kw = dict(solver="heun", nfe=4, num_samples=2, seed=4)
+    plain = StreamGenerator(model, STATS, SampleConfig(**kw), "cuda", amp)
+    graphed = StreamGenerator(model, STATS, SampleConfig(cuda_graphs=True, **kw), "cuda", amp)
+    prompt = torch.randn(2, 8, 64)
+    a, b = _script(plain, prompt), _script(graphed, prompt)
+    tol = 1e-5 if amp is None else 2e-2
+    torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    assert graphed.chunk_graphs.captured >= 1 and max(e.runs for e in graphed.chunk_graphs._entries.values()) >= 5
+
+
+@gpu
+def test_a_steady_graphed_chunk_does_not_synchronise():
+    """Once the ring is full, a chunk is a fill, a replay and its copies: nothing waits for the GPU."""
+    model = randomised_model(CFG).cuda()
+    g = StreamGenerator(model, STATS, SampleConfig(solver="euler", nfe=2, cuda_graphs=True), "cuda")
+    g.prefill(torch.randn(3, 8, 64))
+    g.generate(4)  # captured
+    x = torch.randn(1, 8, 64, device="cuda")
+    with torch.inference_mode():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                g.add_noised_context(g.solve(x))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert g.chunk_graphs.captured == 1 and torch.isfinite(g.cache.k).all()
 
 
 @gpu

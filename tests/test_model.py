@@ -221,6 +221,40 @@ def test_group_tables_kept_across_a_stream_equal_fresh_ones():
     assert len(built) == 2 * steady.slots
 
 
+def test_device_positions_give_the_host_groups_and_appends():
+    """A cache placed at a device position (what a whole-chunk CUDA graph reads) hands out the masks and rotation
+    tables its host position gives, hours into a stream too, and its ring append writes the same slots."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, cond_dim=32, context_chunks=3)
+    layouts = [("cond",), ("context", "cond"), ("context", "context", "cond"), ("cond", "uncond"),
+               ("context", "cond", "uncond")]
+    for spare, active in [(0, None), (2, None), (0, 2)]:
+        for n in list(range(5, 5 + 2 * (3 + spare))) + [4_000_003]:
+            host = KVCache.empty(cfg, 1, "cpu", torch.float32, spare=spare, scratch=3)
+            host.n, host.valid, host.active = n, host.slots, active
+            placed = KVCache.empty(cfg, 1, "cpu", torch.float32, spare=spare, scratch=3)
+            placed.n, placed.valid, placed.active = n + 100, placed.slots, active  # tables from an earlier chunk
+            placed.seat()
+            placed.n = n
+            placed.seat()  # moves the tables' window on
+            placed.n = 7  # from here the host's n goes unread
+            placed.place(True)
+            for roles in layouts:
+                (mask, rope), (want_mask, want_rope) = placed.group(roles), host.group(roles)
+                if want_mask is None:  # a placed group may carry an all-True mask where some ring position needs one
+                    assert mask is None or bool(mask.all()), (n, roles)
+                else:
+                    assert torch.equal(mask, want_mask), (n, roles)
+                assert torch.equal(rope[0], want_rope[0]) and torch.equal(rope[1], want_rope[1]), (n, roles)
+            for cache in (host, placed):  # two chunks join: their keys and values move into the ring
+                cache.k[..., cache.ring_tokens:, :] = torch.arange(3 * 8.0)[:, None]
+                cache.v[..., cache.ring_tokens:, :] = -torch.arange(3 * 8.0)[:, None]
+                cache.append_scratch(2)
+            assert torch.equal(placed.k, host.k) and torch.equal(placed.v, host.v), n
+            assert placed.n == 9 and host.n == n + 2
+    with pytest.raises(ValueError, match="full ring"):
+        KVCache.empty(cfg, 1, "cpu", torch.float32).place(True)
+
+
 @pytest.mark.parametrize("active", [None, 2])
 def test_joined_pass_equals_append_then_step(active):
     """The fused commit: a finished chunk joining the context in the same pass as the next chunk's first

@@ -23,7 +23,7 @@ import torch
 
 from .config import SampleConfig
 from .errors import FlowError
-from .graphs import PassGraphs
+from .graphs import ChunkGraphs, PassGraphs
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
 from .packing import prepack
@@ -46,6 +46,7 @@ class StreamGenerator:
             if self.device.type != "cuda":
                 raise FlowError(f"--cuda-graphs needs a CUDA device, not {self.device.type} (leave the flag out)")
             self.cache.graphs = PassGraphs(model, amp)
+        self.chunk_graphs = ChunkGraphs(self, amp) if cfg.cuda_graphs else None  # whole chunks, once the ring is full
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same noise on every device
         self.tokens = model.cfg.chunk_tokens
         chunk_rows = self.tokens * self.batch
@@ -199,17 +200,32 @@ class StreamGenerator:
         x_t = (1 - t) * z + t * self.cfg.temperature * self._noise()  # (B, 8, 64)
         return self._finish(x_t, t, as_context)
 
+    def solve(self, x_t: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+        """A chunk integrated from x(t) (B, 8, 64) to x(0) against the cache; with --cuda-graphs and a full ring, as
+        one graph (graphs.py: ChunkGraphs), else evaluation by evaluation."""
+        if self.chunk_graphs is not None and self.chunk_graphs.ready():
+            return self.chunk_graphs.run(x_t, t)
+        return self.integrate(x_t, t)
+
+    def integrate(self, x_t: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+        """solve()'s arithmetic: the solver's loop over velocity()."""
+        return integrate(self.velocity, x_t, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
+                         self.noise_generator, noise_scale=self.cfg.temperature, t_start=t)
+
     def _finish(self, x_t: torch.Tensor, t: float, as_context: bool) -> torch.Tensor:
         """Integrate a chunk from x(t) to 0 against the cache, keep it (as context unless told not to), and return
         it as raw codec latents (B, 8, 64) on the CPU."""
-        x0 = integrate(self.velocity, x_t, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
-                       self.noise_generator, noise_scale=self.cfg.temperature, t_start=t)
-        x0 = self.shape_output(x0)
+        x0 = self.shape_output(self.solve(x_t, t))
         if as_context:
             self.add_context(x0)
         self._chunk_done()
         self.chunks_done += 1
-        return denormalise(x0.float(), self.stats).cpu()
+        return self.latents(x0)
+
+    def latents(self, x0: torch.Tensor) -> torch.Tensor:
+        """A finished normalised chunk (B, 8, 64) as raw codec latents on the CPU (scaled there: one copy from the
+        device, not two more to it)."""
+        return denormalise(x0.float().cpu(), self.stats)
 
     def generate(self, n_chunks: int, on_chunk=None) -> torch.Tensor:
         """n_chunks more chunks, (B, n, 8, 64); on_chunk(i, latents) is called after each."""

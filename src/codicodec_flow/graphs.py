@@ -1,4 +1,4 @@
-"""CUDA graphs of the cached pass: one launch per model evaluation instead of hundreds (`--cuda-graphs`).
+"""CUDA graphs of the cached pass, and of whole chunks: one launch per evaluation, then per chunk (`--cuda-graphs`).
 
 A cached pass evaluates 8 tokens per stream. On a GPU each of its few hundred kernels finishes in microseconds,
 so eager PyTorch spends the pass issuing them from Python. `PassGraphs` captures `FlowDiT._pass` once per
@@ -7,7 +7,8 @@ Each evaluation copies its inputs into those buffers: the chunks' tokens and mod
 begins, the mask and rotation tables. Keys and values land in the cache's scratch slots, whose addresses never
 change. The ring append stays outside the graph (KVCache.append_scratch), and so does everything that reads a
 value on the host (the cache's bookkeeping, once per chunk). A graph belongs to one set of cache buffers: when the
-cache is replaced (resized for rewinding), the graphs are captured again.
+cache is replaced (resized for rewinding), the graphs are captured again. Once the ring is full, `ChunkGraphs`
+captures a whole chunk, ring append included, with the cache reading its position from the device.
 
 `capture=False` runs the same static-buffer plumbing eagerly, so the CPU tests check it against the plain pass.
 """
@@ -20,9 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import FlowError
+from .solvers import get_solver
 
 if TYPE_CHECKING:
     from .cache import KVCache
+    from .generate import StreamGenerator
     from .model import FlowDiT
 
 WARMUP_PASSES = 3  # eager passes on a side stream before a capture (cuBLAS and the allocator settle; torch's advice)
@@ -110,22 +113,140 @@ class PassGraphs:
             entry.tables = (mask, rope)  # held, so their identity cannot pass to new tables
         _copy(dst, src)
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=self.amp or torch.bfloat16, enabled=self.amp is not None,
-                              cache_enabled=False)
-
     def _capture(self, entry: _Entry, compute: Callable[[], torch.Tensor | None]) -> None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this generator's graphs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._autocast():
-            for _ in range(WARMUP_PASSES):
-                compute()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a live engine's other threads (the codec) may use the GPU while this thread captures
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), self._autocast():
-            entry.out = compute()
-        entry.graph = graph
+        entry.graph, entry.out = _captured(compute, self._pool, self.amp)
         self.captured += 1
+
+
+@dataclass
+class _ChunkEntry:
+    """One captured chunk layout: the chunk's start x(t) and the joining chunks' buffers, and the finished chunk."""
+    x: torch.Tensor  # (B, 8, 64)
+    t: float  # the time x starts at
+    joins: list[torch.Tensor]  # (B, 8, 64) each: the context chunks that join in the first evaluation
+    levels: tuple[float, ...]  # their noise levels
+    keep: list = field(default_factory=list)  # the modulations the graph reads (the generator's dict is bounded)
+    out: torch.Tensor | None = None
+    graph: object = None
+    runs: int = 0
+
+
+@dataclass(eq=False)
+class ChunkGraphs:
+    """Whole chunks as CUDA graphs: the solver's loop, every evaluation, its arithmetic between them and the joining
+    chunk's move into the ring, one launch a chunk (`--cuda-graphs`, once the ring is full).
+
+    Per-pass graphs still leave the host a few dozen launches and a little Python between evaluations, a fixed
+    cost that fewer evaluations do not divide. A whole chunk can be one graph because the cache can read its
+    position from the device (KVCache.place): the chunk index written before each replay (KVCache.seat) picks the
+    mask of the ring's position and the rows of the rotation tables, so one capture serves every chunk of a layout
+    (solver, steps, guidance, window, the joining chunks' levels). The host keeps the bookkeeping (the cache's n,
+    the queue of joining chunks) and draws the noise as before, so the stream equals the eager one. Stochastic
+    solvers, which draw noise inside a chunk, and a ring not yet full (a stream's first W chunks, or just after a
+    rewind) run pass by pass (PassGraphs).
+
+    `capture=False` runs the same device-position arithmetic eagerly, so the CPU tests check it against the plain
+    stream.
+    """
+    gen: "StreamGenerator" = field(repr=False)
+    amp: torch.dtype | None = None
+    capture: bool = True
+    captured: int = 0
+    _entries: dict = field(default_factory=dict, repr=False)
+    _seen: set = field(default_factory=set, repr=False)  # layouts met once
+    _buffers: tuple[int, int] | None = field(default=None, repr=False)
+    _pool: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.capture and not torch.cuda.is_available():
+            raise FlowError("--cuda-graphs needs a CUDA GPU; PyTorch sees none (leave the flag out on a CPU or MPS)")
+
+    def ready(self) -> bool:
+        """Whether the next chunk can run as one graph."""
+        cache = self.gen.cache
+        return cache.valid == cache.slots and not get_solver(self.gen.cfg.solver).stochastic
+
+    def run(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """The chunk integrated from x(t) (B, 8, 64) to x(0) against the cache, as the generator's own solve would
+        (ready() must hold); the queued context chunks join in its first evaluation."""
+        gen, cache = self.gen, self.gen.cache
+        buffers = (cache.k.data_ptr(), cache.v.data_ptr())
+        if buffers != self._buffers:  # a new cache (resized): graphs over the old buffers would write into freed memory
+            self._entries.clear()
+            self._seen.clear()
+            self._buffers, self._pool = buffers, None
+        joins, levels = [c for c, _ in gen._pending], tuple(s for _, s in gen._pending)
+        cfg = gen.cfg
+        key = (levels, cache.active, cfg.solver, gen.steps, cfg.schedule, cfg.schedule_shift, cfg.cfg_scale, t,
+               x.shape, x.dtype)
+        entry = self._entries.get(key)
+        if entry is None and key not in self._seen:  # a layout seen once (the first chunk after a prompt) may
+            self._seen.add(key)  # never come back: run it pass by pass, and capture it when it does
+            return gen.integrate(x, t)
+        if entry is None:
+            entry = self._entries[key] = _ChunkEntry(x.clone(), t, [c.clone() for c in joins], levels)
+        else:
+            _copy([entry.x] + entry.joins, [x] + joins)
+        entry.runs += 1
+        n, valid = cache.n, cache.valid
+        cache.seat()  # the position the graph reads: a fill, no copy from the host, no wait
+        if not self.capture:
+            out = self._solve(entry)
+        else:
+            if entry.graph is None:
+                self._capture_chunk(entry)
+            entry.graph.replay()
+            out = entry.out.clone()  # the buffer is rewritten by the next replay
+        gen._pending = []  # they joined: the bookkeeping the graph's append did on the device
+        cache.n, cache.valid = n + len(levels), min(valid + len(levels), cache.slots)
+        return out
+
+    def _solve(self, entry: _ChunkEntry) -> torch.Tensor:
+        """The chunk's arithmetic with the cache at the device's position; the host's state is left as it was."""
+        gen, cache = self.gen, self.gen.cache
+        n, valid, graphs = cache.n, cache.valid, cache.graphs
+        gen._pending = list(zip(entry.joins, entry.levels))
+        cache.graphs = None  # no graph inside a graph
+        cache.place(True)
+        try:
+            return gen.integrate(entry.x, entry.t)
+        finally:
+            cache.place(False)
+            cache.graphs, cache.n, cache.valid, gen._pending = graphs, n, valid, []
+            entry.keep = list(gen._mods.values())
+
+    def _capture_chunk(self, entry: _ChunkEntry) -> None:
+        cache = self.gen.cache
+        # a run moves the joining chunks into the ring, where the real run must still find what they replace
+        saved = cache.saved_slots(range(cache.n, cache.n + len(entry.levels)))
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        entry.graph, entry.out = _captured(lambda: self._solve(entry), self._pool, self.amp,
+                                           lambda: cache.restore_slots(saved))
+        self.captured += 1
+
+
+def _no_cast_cache(amp: torch.dtype | None):
+    """The autocast a capture runs under (autocast contexts inside it inherit the cache switch): with the weight-cast
+    cache off, since cached casts would be freed under a graph that reads them."""
+    return torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False)
+
+
+def _captured(compute: Callable[[], torch.Tensor | None], pool, amp: torch.dtype | None,
+              settle: Callable[[], None] = lambda: None) -> tuple[object, torch.Tensor | None]:
+    """A CUDA graph of compute() and its output buffer, after WARMUP_PASSES eager runs on a side stream (settle()
+    after each undoes what a run changed that the real one must find as it was)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), _no_cast_cache(amp):
+        for _ in range(WARMUP_PASSES):
+            compute()
+            settle()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a live engine's other threads (the codec) may use the GPU while this thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), _no_cast_cache(amp):
+        out = compute()
+    return graph, out

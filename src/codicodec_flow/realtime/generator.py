@@ -21,8 +21,7 @@ from dataclasses import replace
 import torch
 
 from ..generate import StreamGenerator
-from ..latents import denormalise, normalise
-from ..solvers import integrate
+from ..latents import normalise
 from .noise import NoiseSource
 from .state import Controls
 
@@ -83,13 +82,7 @@ class LiveGenerator(StreamGenerator):
         """A candidate next chunk, normalised and steered (B, 8, 64); nothing is kept until commit()."""
         x1 = self.cfg.temperature * self._noise()  # (B, 8, 64)
         self.last_noise = x1
-        x0 = integrate(self.velocity, x1, self.cfg.solver, self.steps, self.cfg.schedule, self.cfg.schedule_shift,
-                       self.noise_generator, noise_scale=self.cfg.temperature)
-        return self.shape_output(x0)
-
-    def latents(self, x0: torch.Tensor) -> torch.Tensor:
-        """A draft as raw codec latents (B, 8, 64) on the CPU."""
-        return denormalise(x0.float(), self.stats).cpu()
+        return self.shape_output(self.solve(x1))
 
     @torch.inference_mode()
     def commit(self, x0: torch.Tensor, as_context: bool = True) -> torch.Tensor | None:
