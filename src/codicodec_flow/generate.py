@@ -29,7 +29,7 @@ from .model import Chunk, FlowDiT, clean_mask
 from .packing import prepack
 from .quantize import for_generation
 from .solvers import integrate, spent_nfe, steps_for, time_value
-from .util.devices import autocast
+from .util.devices import autocast, to_device
 
 
 class StreamGenerator:
@@ -78,7 +78,8 @@ class StreamGenerator:
         return self._mods[key]
 
     def _noise(self) -> torch.Tensor:
-        return torch.randn(self.batch, self.tokens, self.model.cfg.latent_dim, generator=self.generator).to(self.device)
+        return to_device(torch.randn(self.batch, self.tokens, self.model.cfg.latent_dim, generator=self.generator),
+                         self.device)
 
     @property
     def noise_generator(self) -> torch.Generator:

@@ -22,6 +22,7 @@ import torch
 
 from ..generate import StreamGenerator
 from ..latents import normalise
+from ..util.devices import to_device
 from .noise import NoiseSource
 from .state import Controls
 
@@ -36,7 +37,7 @@ class LiveGenerator(StreamGenerator):
         self._steer: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, bias), each (8, 64)
 
     def _noise(self) -> torch.Tensor:
-        return self.noise.draw((self.batch, self.tokens, self.model.cfg.latent_dim)).to(self.device)
+        return to_device(self.noise.draw((self.batch, self.tokens, self.model.cfg.latent_dim)), self.device)
 
     @property
     def noise_generator(self) -> torch.Generator:

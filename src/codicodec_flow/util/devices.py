@@ -32,6 +32,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (noise drawn on the host) on `device`, without making the host wait for the device.
+
+    A copy from ordinary (pageable) memory to a CUDA GPU first waits for the GPU's queue to empty: drawn after a
+    chunk's graph was launched, the next noise would wait for that graph. From pinned memory the copy only joins the
+    queue (PyTorch's pinned-memory cache keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
