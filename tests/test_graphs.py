@@ -5,6 +5,8 @@ On a CPU the graphs' static-buffer plumbing and the device positions run eagerly
 exactly the plain stream; on a CUDA GPU (the `gpu` tests, skipped elsewhere) the captured graphs are replayed and
 checked against eager PyTorch, with no host synchronisation inside an evaluation or a steady-state chunk.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -89,6 +91,19 @@ def test_whole_chunks_at_device_positions_give_exactly_the_plain_stream(kw):
     runs = {key[1]: entry.runs for key, entry in graphed.chunk_graphs._entries.items()}  # by context window
     assert runs[None] >= 5 and runs[2] == 69  # one layout per window since the resize: every steady chunk but the
     #                                          layout's first (run pass by pass: it may never come back) through it
+
+
+def test_chunk_graph_layouts_stay_bounded():
+    """A guidance knob swept through many values (each held two chunks) keeps at most MAX_CHUNK_GRAPHS layouts."""
+    from codicodec_flow.graphs import MAX_CHUNK_GRAPHS
+    model = randomised_model(CFG)
+    _, g = _pair(model, "cpu", chunks=True, nfe=1)
+    g.prefill(torch.randn(3, 8, 64))
+    for k in range(MAX_CHUNK_GRAPHS + 8):
+        g.cfg = replace(g.cfg, cfg_scale=1.5 + k / 10)
+        g.generate(2)
+    assert 1 <= len(g.chunk_graphs._entries) <= MAX_CHUNK_GRAPHS
+    assert all(e.runs == 1 for e in g.chunk_graphs._entries.values())  # the second chunk of each value
 
 
 def test_live_chunks_with_steering_go_through_chunk_graphs():

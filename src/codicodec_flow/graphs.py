@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .model import FlowDiT
 
 WARMUP_PASSES = 3  # eager passes on a side stream before a capture (cuBLAS and the allocator settle; torch's advice)
+MAX_CHUNK_GRAPHS = 16  # whole-chunk layouts kept at once: a live guidance knob swept through many values stays bounded
 
 
 @dataclass
@@ -183,9 +184,13 @@ class ChunkGraphs:
                x.shape, x.dtype)
         entry = self._entries.get(key)
         if entry is None and key not in self._seen:  # a layout seen once (the first chunk after a prompt) may
-            self._seen.add(key)  # never come back: run it pass by pass, and capture it when it does
+            if len(self._seen) >= 4 * MAX_CHUNK_GRAPHS:  # never come back: run it pass by pass, and capture it
+                self._seen.clear()  # when it does
+            self._seen.add(key)
             return gen.integrate(x, t)
         if entry is None:
+            if len(self._entries) >= MAX_CHUNK_GRAPHS:
+                self._entries.clear()  # their graphs go; the memory pool they shared is reused by the next captures
             entry = self._entries[key] = _ChunkEntry(x.clone(), t, [c.clone() for c in joins], levels)
         else:
             _copy([entry.x] + entry.joins, [x] + joins)
