@@ -54,8 +54,34 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
+class _Captures:
+    """What both kinds of graphs share: CUDA required to capture, graphs tied to one set of cache buffers, one memory
+    pool for a generator's graphs. A subclass holds `capture`, `amp`, `captured`, `_entries`, `_buffers`, `_pool`."""
+
+    def _require_cuda(self) -> None:
+        if self.capture and not torch.cuda.is_available():
+            raise FlowError("--cuda-graphs needs a CUDA GPU; PyTorch sees none (leave the flag out on a CPU or MPS)")
+
+    def _follow(self, cache: "KVCache") -> bool:
+        """Drop the graphs when the cache's buffers changed (resized), and say so: graphs over the old ones would
+        write into freed memory. Their memory pool goes with them: the next capture starts a new one."""
+        buffers = (cache.k.data_ptr(), cache.v.data_ptr())
+        if buffers == self._buffers:
+            return False
+        self._entries.clear()
+        self._buffers, self._pool = buffers, None
+        return True
+
+    def _capture(self, entry, compute: Callable[[], torch.Tensor | None],
+                 settle: Callable[[], None] = lambda: None) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this generator's graphs
+        entry.graph, entry.out = _captured(compute, self._pool, self.amp, settle)
+        self.captured += 1
+
+
 @dataclass(eq=False)
-class PassGraphs:
+class PassGraphs(_Captures):
     """The cached passes of one generator as CUDA graphs, captured on first use of each layout.
 
     Set as `cache.graphs`; FlowDiT._run_chunks then calls `run` instead of `_pass`."""
@@ -69,16 +95,12 @@ class PassGraphs:
     _pool: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.capture and not torch.cuda.is_available():
-            raise FlowError("--cuda-graphs needs a CUDA GPU; PyTorch sees none (leave the flag out on a CPU or MPS)")
+        self._require_cuda()
 
     def run(self, xs: list[torch.Tensor], mods: list[tuple[torch.Tensor, ...]], roles: tuple[str, ...],
             mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], cache: "KVCache") -> torch.Tensor | None:
         """FlowDiT._pass's result for these inputs, from the layout's graph (captured now if it is new)."""
-        buffers = (cache.k.data_ptr(), cache.v.data_ptr())
-        if buffers != self._buffers:  # a new cache: graphs over the old buffers would write into freed memory
-            self._entries.clear()  # their memory pool goes with them: the next capture starts a new one
-            self._buffers, self._pool = buffers, None
+        self._follow(cache)
         key = (roles, mask is None, tuple((x.shape, x.dtype) for x in xs),
                tuple((m.shape, m.dtype) for ms in mods for m in ms))
         entry = self._entries.get(key)
@@ -114,12 +136,6 @@ class PassGraphs:
             entry.tables = (mask, rope)  # held, so their identity cannot pass to new tables
         _copy(dst, src)
 
-    def _capture(self, entry: _Entry, compute: Callable[[], torch.Tensor | None]) -> None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this generator's graphs
-        entry.graph, entry.out = _captured(compute, self._pool, self.amp)
-        self.captured += 1
-
 
 @dataclass
 class _ChunkEntry:
@@ -135,7 +151,7 @@ class _ChunkEntry:
 
 
 @dataclass(eq=False)
-class ChunkGraphs:
+class ChunkGraphs(_Captures):
     """Whole chunks as CUDA graphs: the solver's loop, every evaluation, its arithmetic between them and the joining
     chunk's move into the ring, one launch a chunk (`--cuda-graphs`, once the ring is full).
 
@@ -161,8 +177,7 @@ class ChunkGraphs:
     _pool: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.capture and not torch.cuda.is_available():
-            raise FlowError("--cuda-graphs needs a CUDA GPU; PyTorch sees none (leave the flag out on a CPU or MPS)")
+        self._require_cuda()
 
     def ready(self) -> bool:
         """Whether the next chunk can run as one graph."""
@@ -173,11 +188,8 @@ class ChunkGraphs:
         """The chunk integrated from x(t) (B, 8, 64) to x(0) against the cache, as the generator's own solve would
         (ready() must hold); the queued context chunks join in its first evaluation."""
         gen, cache = self.gen, self.gen.cache
-        buffers = (cache.k.data_ptr(), cache.v.data_ptr())
-        if buffers != self._buffers:  # a new cache (resized): graphs over the old buffers would write into freed memory
-            self._entries.clear()
+        if self._follow(cache):
             self._seen.clear()
-            self._buffers, self._pool = buffers, None
         joins, levels = [c for c, _ in gen._pending], tuple(s for _, s in gen._pending)
         cfg = gen.cfg
         key = (levels, cache.active, cfg.solver, gen.steps, cfg.schedule, cfg.schedule_shift, cfg.cfg_scale, t,
@@ -226,11 +238,7 @@ class ChunkGraphs:
         cache = self.gen.cache
         # a run moves the joining chunks into the ring, where the real run must still find what they replace
         saved = cache.saved_slots(range(cache.n, cache.n + len(entry.levels)))
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        entry.graph, entry.out = _captured(lambda: self._solve(entry), self._pool, self.amp,
-                                           lambda: cache.restore_slots(saved))
-        self.captured += 1
+        self._capture(entry, lambda: self._solve(entry), lambda: cache.restore_slots(saved))
 
 
 def _no_cast_cache(amp: torch.dtype | None):
