@@ -14,7 +14,7 @@ from codicodec_flow.codec import CHUNK_SECONDS
 from codicodec_flow.commands.cli import main
 from codicodec_flow.config import LIVE_SAMPLING, FlowConfig, ModelConfig
 from codicodec_flow.errors import FlowError
-from codicodec_flow.export import GRAPHS, cache_shape, mods_width
+from codicodec_flow.export import GRAPHS, cache_shape, mods_width, signatures
 from codicodec_flow.latents import LatentStats
 from codicodec_flow.model import FlowDiT
 from codicodec_flow.realtime.engine import EngineConfig
@@ -190,3 +190,16 @@ def test_coreml_conversion_writes_packages_with_the_signature(ckpt, tmp_path):
             [(k, v["shape"]) for k, v in want["inputs"].items()]
         assert [o.name for o in spec.description.output] == list(want["outputs"])
         assert spec.WhichOneof("Type") == "mlProgram"
+
+
+def test_a_model_with_the_own_chunk_mark_exports_it_as_an_input_of_conditioning():
+    """The mark of the model's own context chunks (train --mark-own) is the conditioning graph's second input: the
+    ONNX graphs give PyTorch's velocities with marked and real context chunks in turn."""
+    from codicodec_flow.realtime.ort_backend import CHECK_TOLERANCE, check_against_torch
+    marked = randomised_model(replace(CFG, mark_own=True)).requires_grad_(False)
+    ort = load_onnx(marked, STATS)
+    assert list(ort.description["signatures"]["conditioning"]["inputs"]) == ["t", "own"]
+    t = np.full((1, T), 0.02, np.float32)
+    assert np.abs(ort.conditioning(t, True) - ort.conditioning(t, False)).max() > 1e-2
+    assert check_against_torch(marked, ort) <= CHECK_TOLERANCE
+    assert list(signatures(CFG)["conditioning"]["inputs"]) == ["t"]  # an export without the mark: no such input

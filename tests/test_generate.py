@@ -49,9 +49,9 @@ def test_the_prompt_enters_at_its_own_noise_level(model, prompt_noise):
         torch.testing.assert_close(b.context, z.expand(2, -1, -1, -1))  # exactly the prompt
     else:
         assert noise.abs().mean() > 0.1
-    assert b.levels == [prompt_noise, prompt_noise]
+    assert b.levels == [(prompt_noise, False)] * 2  # (level, under the own-chunk mark: never without one)
     torch.testing.assert_close(a.generate(1), b.generate(1), atol=1e-4, rtol=0)
-    assert b.levels == [prompt_noise, prompt_noise, 0.1]
+    assert b.levels == [(prompt_noise, False)] * 2 + [(0.1, False)]
     c, d = gen(model, **{**kw, "prompt_noise": 0.1}), gen(model, **kw)  # the levels change the context, not the
     c.prefill(prompt)  # noise drawn after it
     d.prefill(prompt)
@@ -71,8 +71,8 @@ def test_constant_memory_and_flat_state_over_a_long_stream(model):
 class Unjoined(StreamGenerator):
     """Every context chunk in a pass of its own: the reference for the joined pass."""
 
-    def _append(self, ctx, s):
-        super()._append(ctx, s)
+    def _append(self, ctx, s, own):
+        super()._append(ctx, s, own)
         self.flush()
 
 
@@ -138,3 +138,47 @@ def test_default_nfe_is_spent_in_whole_steps(model):
     assert gen(model, solver="heun", nfe=5).evals == 6  # rounded to whole steps, halves up
     with pytest.raises(ValueError, match="nfe"):
         SampleConfig(nfe=0)
+
+
+def test_the_models_own_chunks_go_in_marked_once_its_window_holds_no_real_music(model):
+    """A model trained with --mark-own: the prompt and a performer's chunks go in as real music, and so do the model's
+    first W chunks after them (teacher forcing's setting: the plain model's continuation); once the W chunks before
+    one are all the model's own, it goes in under the mark. The cache and the re-run reference agree on that, the
+    mark changes what follows (for a model without it, nothing), and a rewind takes the chunks' origins back too.
+    (test_model checks the marked cache against the training forward.)"""
+    from dataclasses import replace
+    from codicodec_flow.latents import normalise
+    from codicodec_flow.realtime.generator import LiveGenerator
+    marked = randomised_model(replace(CFG, mark_own=True))  # W = 3
+    prompt = torch.randn(2, 8, 64)
+    a, b = gen(marked, num_samples=2, seed=3), gen(marked, WindowRerunGenerator, num_samples=2, seed=3)
+    for g in (a, b):
+        g.prefill(prompt)
+    a.generate(6)
+    b.generate(6)
+    cn = SampleConfig().context_noise
+    assert b.levels == [(cn, True)] * 3  # own chunks 4-6: the 3 before each were the model's
+    assert [level for _, level in a._pending] == [(cn, True)]  # the 6th, waiting to join the next pass
+    c = gen(marked, num_samples=2, seed=3)
+    c.prefill(prompt)
+    c.generate(4)
+    assert [level for _, level in c._pending] == [(cn, True)]  # the 4th: its window holds chunks 1-3
+    c.rewind(1)
+    c.add_context(torch.zeros(2, 8, 64), own=False)  # real music in its place ...
+    c.add_context(torch.zeros(2, 8, 64))
+    assert c._pending[-1][1] == (cn, False)  # ... keeps the next own chunk unmarked
+
+    def after_a_full_window(m, mark_last):
+        g = gen(m, num_samples=2, seed=3)
+        g.prefill(prompt)
+        g.generate(3)
+        g.add_context(normalise(g.next_chunk(as_context=False), STATS), own=mark_last)
+        return g.generate(1)
+    assert (after_a_full_window(marked, True) - after_a_full_window(marked, False)).abs().max() > 1e-2
+    torch.testing.assert_close(after_a_full_window(model, True), after_a_full_window(model, False), atol=1e-5, rtol=0)
+    live = gen(marked, LiveGenerator)
+    live.generate(4)
+    assert [level for _, level in live._pending] == [(cn, True)]
+    live.add_context_latents(prompt[0])  # a performer's chunk: real music, and in view again
+    live.generate(1)
+    assert [level for _, level in live._pending] == [(cn, False)]

@@ -297,3 +297,34 @@ def test_guided_pass_equals_two_passes(joined):
         got = m.forward_guided(x, t, b, 2.5, join=join)
     torch.testing.assert_close(got, v_u + 2.5 * (v_c - v_u), atol=1e-4, rtol=0)
     assert not torch.allclose(v_c, v_u, atol=1e-3)  # the branches differ, so the test can fail
+
+
+def test_the_own_chunk_mark_is_seen_alike_by_training_and_the_cache():
+    """A model trained with --mark-own: clean chunks marked as its own change what the chunks after them predict and
+    nothing before, and the two-stream training forward with the clean stream marked from chunk P on computes what
+    the cache does with those chunks appended under the mark. A model without the mark ignores it."""
+    from dataclasses import replace
+    from codicodec_flow.streams import TwoStreams
+    m = randomised(replace(CFG, mark_own=True))
+    n, L, B, P = 6, 48, 2, 2
+    g = torch.Generator().manual_seed(2)
+    clean, noisy = torch.randn(B, L, 64, generator=g), torch.randn(B, L, 64, generator=g)
+    s, t = torch.full((B, L), 0.02), torch.rand(B, n, generator=g).repeat_interleave(8, 1)
+    own = torch.zeros(B, 2 * L, dtype=torch.bool)
+    own[:, 8 * P:L] = True  # the clean stream's chunks P.. are the model's own; noisy chunks never are
+    args = (torch.cat([clean, noisy], 1), torch.cat([s, t], 1), torch.arange(L).repeat(2))
+    marked, unmarked = m(*args, TwoStreams(n, 3, 8), own), m(*args, TwoStreams(n, 3, 8))
+    sees_real = L + 8 * (P + 1)  # noisy chunks 0..P see only real clean chunks
+    torch.testing.assert_close(marked[:, :8 * P], unmarked[:, :8 * P])  # clean chunks before P: unmarked, past unmarked
+    torch.testing.assert_close(marked[:, L:sees_real], unmarked[:, L:sees_real])
+    assert (marked[:, sees_real:] - unmarked[:, sees_real:]).abs().max() > 1e-2
+    cache = m.new_cache(B)
+    with torch.no_grad():
+        for i in range(n):
+            sl = slice(8 * i, 8 * i + 8)
+            v = m.forward_cached(noisy[:, sl], t[:, sl], cache)
+            torch.testing.assert_close(v, marked[:, L + 8 * i: L + 8 * i + 8], atol=1e-4, rtol=0)
+            m.append_context(clean[:, sl], s[:, sl], cache, mods=m.conditioning(s[:, sl], own[:, sl]))
+    plain = randomised()
+    torch.testing.assert_close(plain(*args, TwoStreams(n, 3, 8), own), plain(*args, TwoStreams(n, 3, 8)), atol=0,
+                               rtol=0)

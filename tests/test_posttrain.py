@@ -7,6 +7,7 @@ from codicodec_flow.config import ModelConfig, SampleConfig, TrainConfig
 from codicodec_flow.errors import FlowError
 from codicodec_flow.generate import StreamGenerator
 from codicodec_flow.latents import LatentStats
+from codicodec_flow.model import FlowDiT
 from codicodec_flow.rollout import RolloutConfig, rollout_context
 from codicodec_flow.train import run_train, setup
 from conftest import ar_latents, randomised_model, write_latent_dir
@@ -183,3 +184,33 @@ def test_rollout_steps_train_self_continued_chunks_below_max_t(ar_data, tmp_path
         low = caps < 1
         assert caps[0] == 1.0 and torch.allclose(caps[low], torch.tensor(0.3))
         assert (b.t[:, low] <= 0.3 + 1e-6).all()
+
+
+def test_mark_own_trains_the_mark_and_a_fine_tune_can_add_it(ar_data, tmp_path):
+    """train --mark-own: the rollout steps train the own-chunk mark off zero (teacher-forced steps never show it) and
+    the run resumes bit-exact; --init-from adds it to a model without it, at zero, so the fine-tune starts from the
+    same function; --resume cannot add it to a run that has none."""
+    from codicodec_flow.errors import CheckpointError
+
+    def marked_run(out, **over):
+        return tiny_run(ar_data, out, model={"mark_own": True}, rollout_p=0.5, rollout_nfe=2, rollout_start=0.0,
+                        **over)
+    run_train(marked_run(tmp_path / "straight"))
+    run_train(marked_run(tmp_path / "split"), stop_at=3)
+    run_train(marked_run(tmp_path / "split", resume=True))
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["config"]["model"]["mark_own"] and a["model"]["own_mark"].abs().max() > 0
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert load_checkpoint(tmp_path / "straight" / "ema.pt")["model"]["own_mark"].abs().max() > 0
+    run_train(tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0))
+    with pytest.raises(CheckpointError, match="mark_own"):
+        run_train(marked_run(tmp_path / "plain", resume=True))
+    fine = marked_run(tmp_path / "fine", init_from=tmp_path / "plain" / "ema.pt", max_steps=2)
+    source = fine.init_from
+    assert fine.model.mark_own and not source.model_cfg.mark_own
+    start = FlowDiT(fine.model)
+    source.load_into(start)  # as the fine-tune starts: the source's weights, the mark at zero
+    assert torch.equal(start.own_mark, torch.zeros_like(start.own_mark))
+    assert all(torch.equal(p, source.state[k]) for k, p in start.state_dict().items() if k != "own_mark")
+    run_train(fine)
+    assert load_checkpoint(tmp_path / "fine" / "ema.pt")["config"]["model"]["mark_own"]

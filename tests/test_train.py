@@ -33,12 +33,12 @@ def drifting_chords(chunks: int, seed: int, rho: float = 0.98) -> torch.Tensor:
     return c[:, None, :] + 0.05 * torch.randn(chunks, 8, 64, generator=g)
 
 
-def tiny_run(data_dir, out_dir, resume=False, flow=None, init_from=None, **over):
+def tiny_run(data_dir, out_dir, resume=False, flow=None, init_from=None, model=None, **over):
     train = dict(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", batch_size=4, crop_tokens=64,
                  max_steps=6, lr=1e-3, warmup_steps=2, save_every=100, val_every=3, log_every=1, tui=False,
                  ema_decay=0.9, dtype="fp32")
     train.update(over)
-    return plan_run(train, {}, flow or {}, "tiny", resume, None if init_from is None else str(init_from))
+    return plan_run(train, model or {}, flow or {}, "tiny", resume, None if init_from is None else str(init_from))
 
 
 def test_learns_to_use_its_context(tmp_path):

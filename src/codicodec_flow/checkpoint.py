@@ -159,9 +159,13 @@ class Weights:
         return {"path": str(self.path.resolve()), "step": self.step}
 
     def load_into(self, model: torch.nn.Module) -> None:
-        """Copy the weights into a FlowDiT of the same shape; CheckpointError naming the file if they do not fit."""
+        """Copy the weights into a FlowDiT of the same shape; CheckpointError naming the file if they do not fit. A
+        model that adds the own-chunk mark to weights without it (train --init-from --mark-own) starts it at zero."""
+        state = self.state
+        if getattr(model, "own_mark", None) is not None and "own_mark" not in state:
+            state = {**state, "own_mark": torch.zeros_like(model.own_mark)}
         try:
-            model.load_state_dict(self.state)
+            model.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{self.path}: checkpoint does not match this version's model "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

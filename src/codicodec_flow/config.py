@@ -33,6 +33,10 @@ class ModelConfig:
     mlp_ratio: float = 2.25  # SwiGLU hidden width / dim, rounded up to a multiple of 64
     rope_base: float = 10_000.0
     time_freq_dim: int = 256  # sinusoidal features of t before the time MLP
+    # context chunks the model made itself carry a learned mark in their conditioning, so it can tell them from real
+    # music (a prompt, a performer's audio): train --mark-own, shown in the closing stage's rollouts; generation marks
+    # a chunk once its window holds only the model's own (StreamGenerator._marked)
+    mark_own: bool = False
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:

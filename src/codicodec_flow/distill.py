@@ -73,20 +73,20 @@ def chunk_velocity(model: FlowDiT, batch: FlowBatch, cfg_scale: float = 1.0):
     with cfg_scale != 1 guided, both branches in one batch of 2B."""
     L = batch.target.shape[1]
     clean, clean_t = batch.inputs[:, :L], batch.times[:, :L]
-    streams = batch.streams  # the training layout: the model's fast attention path, no dense mask
+    streams, own = batch.streams, batch.own  # the training layout: the model's fast attention path, no dense mask
     if cfg_scale != 1.0:  # the second half's noisy chunks see no past
         B, K = batch.t.shape
         cond = streams.uncond if streams.uncond is not None else torch.zeros(B, K, dtype=torch.bool)
         both = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
         streams = replace(streams, valid=both(streams.valid),
                           uncond=torch.cat([cond.to(clean.device), torch.ones_like(cond, device=clean.device)]))
-        clean, clean_t = both(clean), both(clean_t)
+        clean, clean_t, own = both(clean), both(clean_t), both(own)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if cfg_scale != 1.0:
             x, t = torch.cat([x, x]), torch.cat([t, t])
         v = model(torch.cat([clean, x], dim=1), torch.cat([clean_t, t.to(clean_t.dtype)], dim=1), batch.pos,
-                  streams)[:, L:].float()
+                  streams, own)[:, L:].float()
         if cfg_scale == 1.0:
             return v
         cond, uncond = v.chunk(2)

@@ -3,11 +3,13 @@
 
 Three graphs, each a plain function of tensors (static shapes, batch B = 1, no Python value read from a tensor):
 
-    conditioning(t (B, 8))                                   -> mods (B, 8, M)    adaLN modulations, once per time
+    conditioning(t (B, 8)[, own (B, 8)])                     -> mods (B, 8, M)    adaLN modulations, once per time
     step(x (B, 8, 64), mods, keys_rot, values, n, context)   -> velocity (B, 8, 64)      the ODE's v; cache only read
     append(x, mods, keys, keys_rot, values, n, context)      -> keys', keys_rot', values'    a finished chunk in
 
-M = n_layers * 6 * dim + 2 * dim (every block's modulations, then the head's). The cache is three tensors of shape
+M = n_layers * 6 * dim + 2 * dim (every block's modulations, then the head's). A model trained with --mark-own has
+the second input of conditioning, `own`: 1 for a context chunk the model made itself, 0 for real music and for the
+chunk being generated. The cache is three tensors of shape
 (n_layers, B, heads, W * 8, head_dim), kept as a sliding window rather than KVCache's ring: window chunk c
 (0 oldest .. W - 1 newest) is the chunk appended W - c chunks ago. `keys` are projected keys (not rotated),
 `keys_rot` the same keys rotated to window-relative positions c * 8 + j, `values` the values; the chunk being
@@ -70,14 +72,14 @@ def empty_cache(cfg: ModelConfig, batch: int = 1) -> dict[str, torch.Tensor]:
 
 
 class Conditioning(nn.Module):
-    """t (B, 8) -> mods (B, 8, M): FlowDiT.conditioning, concatenated."""
+    """t (B, 8)[, own (B, 8)] -> mods (B, 8, M): FlowDiT.conditioning, concatenated."""
 
     def __init__(self, model: FlowDiT):
         super().__init__()
         self.model = model
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.model.conditioning(t), dim=-1)  # (B, 8, M)
+    def forward(self, t: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat(self.model.conditioning(t, own), dim=-1)  # (B, 8, M)
 
 
 class _Cached(nn.Module):
@@ -148,8 +150,9 @@ def signatures(cfg: ModelConfig, batch: int = 1, ints: str = "int64") -> dict[st
     T, D = cfg.chunk_tokens, cfg.latent_dim
     cache = (list(cache_shape(cfg, batch)), "float32")
     x, mods, count = ([batch, T, D], "float32"), ([batch, T, mods_width(cfg)], "float32"), ([1], ints)
+    times = {"t": ([batch, T], "float32"), **({"own": ([batch, T], "float32")} if cfg.mark_own else {})}
     return {
-        "conditioning": {"inputs": {"t": ([batch, T], "float32")}, "outputs": {"mods": mods}},
+        "conditioning": {"inputs": times, "outputs": {"mods": mods}},
         "step": {"inputs": {"x": x, "mods": mods, "keys_rot": cache, "values": cache, "n": count, "context": count},
                  "outputs": {"velocity": x}},
         "append": {"inputs": {"x": x, "mods": mods, "keys": cache, "keys_rot": cache, "values": cache, "n": count,
@@ -166,6 +169,8 @@ def example_inputs(cfg: ModelConfig, graph: str) -> tuple[torch.Tensor, ...]:
             out.append(torch.full(shape, cfg.context_chunks, dtype=torch.int64))
         elif name == "t":
             out.append(torch.full(shape, 0.5))
+        elif name == "own":
+            out.append(torch.ones(shape))
         else:
             out.append(0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(len(out))))
     return tuple(out)
@@ -202,7 +207,8 @@ def describe(model: FlowDiT, stats: LatentStats, fmt: str, extra: dict | None = 
                      "the chunk being evaluated sits at W * 8 + j; zeros before the first chunk",
             "counts": "n: chunks appended so far; context: past chunks seen, 1..W (0: none, the unconditional "
                       "branch of guidance); chunk c is seen iff W - c <= min(n, context)",
-            "mods": "conditioning(t) for the chunk's times, passed to step and append; it depends on t alone",
+            "mods": "conditioning(t) for the chunk's times, passed to step and append; it depends on t alone"
+                    + (" and own: 1 for context chunks the model made itself" if cfg.mark_own else ""),
             "time": "x_t = (1 - t) x + t eps, t = 1 noise, t = 0 data; velocity = eps - x; times per token",
             "latents": "the graphs work on normalised latents (z - stats.mean) / stats.std",
             "prefill": "append once per prompt chunk, oldest first, from the zero cache with n = 0, 1, ...",

@@ -57,6 +57,7 @@ class FlowBatch:
     t: torch.Tensor  # (B, K) the noisy chunks' times
     streams: TwoStreams  # the layout: who sees whom (valid, unconditional and kept chunks)
     pos: torch.Tensor  # (L + K * 8,) CPU positions
+    own: torch.Tensor | None = None  # (B, L + K * 8) True on clean-stream tokens the model generated itself (rollouts)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -76,16 +77,18 @@ class FlowBatch:
     def to(self, device) -> "FlowBatch":
         move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
         return FlowBatch(move(self.inputs), move(self.times), move(self.target), move(self.t), self.streams.to(device),
-                         self.pos)
+                         self.pos, None if self.own is None else move(self.own))
 
 
 def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.Tensor, uncond: torch.Tensor,
                window: int, chunk_tokens: int, generator: torch.Generator | None = None,
-               context: torch.Tensor | None = None, noisy_chunks: int | None = None) -> FlowBatch:
+               context: torch.Tensor | None = None, noisy_chunks: int | None = None,
+               own_from: int | None = None) -> FlowBatch:
     """Two-stream inputs for clean crops x (B, L, D) with per-chunk noisy times t, context noise s, uncond flags.
 
     `context` (B, L, D), if given, fills the clean stream instead of x (rollout.py: the model's own chunks as
-    the past); the noisy stream and its targets stay the real x.
+    the past); the noisy stream and its targets stay the real x. `own_from`: the context's chunks from this one on
+    are the model's own, which the batch marks (FlowBatch.own; a model with cfg.mark_own sees the mark).
     `noisy_chunks` K < n: the noisy stream keeps K chunks drawn at random (the same for every crop of the batch),
     drawn after the noise, so the kept chunks get exactly the inputs and targets of the full batch.
     """
@@ -103,28 +106,33 @@ def make_batch(x: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, s: torch.T
     t_tok = per_token(t, chunk_tokens)  # (B, K * 8)
     noisy = interpolate(x, eps, t_tok)
     streams = TwoStreams(n, window, chunk_tokens, valid, uncond, kept)
+    own = None
+    if own_from is not None:
+        own = torch.zeros(B, L + t_tok.shape[1], dtype=torch.bool)
+        own[:, own_from * chunk_tokens:L] = True
     return FlowBatch(inputs=torch.cat([clean, noisy], dim=1), times=torch.cat([s_tok, t_tok], dim=1),
-                     target=target_velocity(x, eps), t=t, streams=streams, pos=streams.positions())
+                     target=target_velocity(x, eps), t=t, streams=streams, pos=streams.positions(), own=own)
 
 
 def training_batch(x: torch.Tensor, valid: torch.Tensor, cfg: FlowConfig, window: int, chunk_tokens: int,
                    generator: torch.Generator | None = None, context: torch.Tensor | None = None,
-                   noisy_chunks: int | None = None, max_t: torch.Tensor | None = None) -> FlowBatch:
-    """Random times, context noise and unconditional chunks for one training batch (context, noisy_chunks: see
-    make_batch). `max_t` (n,), if given, caps each chunk's time: its draw is scaled into (0, max_t)."""
+                   noisy_chunks: int | None = None, max_t: torch.Tensor | None = None,
+                   own_from: int | None = None) -> FlowBatch:
+    """Random times, context noise and unconditional chunks for one training batch (context, noisy_chunks, own_from:
+    see make_batch). `max_t` (n,), if given, caps each chunk's time: its draw is scaled into (0, max_t)."""
     B, n = valid.shape
     t = sample_times((B, n), cfg, generator)
     if max_t is not None:
         t = t * max_t
     s = cfg.context_noise_max * torch.rand((B, n), generator=generator)
     uncond = torch.rand((B, n), generator=generator) < cfg.p_uncond
-    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context, noisy_chunks)
+    return make_batch(x, valid, t, s, uncond, window, chunk_tokens, generator, context, noisy_chunks, own_from)
 
 
 def flow_loss(model: FlowDiT, batch: FlowBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared velocity error over valid noisy tokens, and the per-chunk errors (B, K) of the noisy stream."""
     Lk = batch.target.shape[1]
-    pred = model(batch.inputs, batch.times, batch.pos, batch.streams)[:, -Lk:]  # (B, K * 8, D) noisy stream only
+    pred = model(batch.inputs, batch.times, batch.pos, batch.streams, batch.own)[:, -Lk:]  # (B, K * 8, D) noisy stream only
     err = (pred.float() - batch.target.float()).pow(2).mean(-1)  # (B, K * 8)
     per_chunk = err.view(err.shape[0], batch.t.shape[1], -1).mean(-1)  # (B, K)
     w = batch.target_valid.float()

@@ -31,6 +31,8 @@ from .quantize import for_generation
 from .solvers import integrate, spent_nfe, steps_for, time_value
 from .util.devices import autocast, to_device
 
+MAX_REWIND = 64  # context chunks a generator remembers the origin of beyond its window (rewind takes back fewer)
+
 
 class StreamGenerator:
     """Generates chunk after chunk for a batch of streams against one KVCache."""
@@ -54,27 +56,31 @@ class StreamGenerator:
         prepack(model, [rows, rows + chunk_rows])  # ... and with a finished chunk joining it
         self.chunks_done = 0
         self.last_noise: torch.Tensor | None = None  # x(1) of the latest chunk, (B, 8, 64)
-        self._mods: dict[float, tuple[torch.Tensor, ...]] = {}  # time -> adaLN modulations, reused every chunk
-        self._pending: list[tuple[torch.Tensor, float]] = []  # context chunks (B, 8, 64) and their noise levels
-        # waiting to join the next pass
+        self._mods: dict[tuple[float, bool], tuple[torch.Tensor, ...]] = {}  # (time, own) -> adaLN modulations,
+        # reused every chunk
+        self._pending: list[tuple[torch.Tensor, tuple[float, bool]]] = []  # context chunks (B, 8, 64) waiting to
+        # join the next pass, each with its (noise level, whether it goes in under the model's mark)
+        self._origins: list[bool] = []  # whether each context chunk, oldest first, was the model's own (recent ones)
 
     @property
     def evals(self) -> int:
         """Model evaluations per chunk actually spent (before guidance doubles them)."""
         return spent_nfe(self.cfg.solver, self.cfg.nfe)
 
-    def modulations(self, t: float) -> tuple[torch.Tensor, ...]:
-        """The model's conditioning for one time value, (1, 1, .) each; computed once per distinct time.
+    def modulations(self, t: float, own: bool = False) -> tuple[torch.Tensor, ...]:
+        """The model's conditioning for one time value, (1, 1, .) each; computed once per distinct time. `own`: under
+        the mark of the model's own chunks (FlowDiT.conditioning; a model without the mark ignores it).
 
         The same schedule runs every chunk, so after the first chunk no time embedding or adaLN
         projection is recomputed: about a third of the small model's weights are not read again.
         """
-        key = round(t, 12)
+        key = (round(t, 12), own)
         if key not in self._mods:
             if len(self._mods) >= 1024:  # stochastic or changing schedules: stay bounded
                 self._mods.clear()
+            mark = torch.ones((1, 1), dtype=torch.bool, device=self.device) if own else None
             with torch.inference_mode(), autocast(self.device, self.amp):
-                self._mods[key] = self.model.conditioning(torch.full((1, 1), t, device=self.device))
+                self._mods[key] = self.model.conditioning(torch.full((1, 1), t, device=self.device), mark)
         return self._mods[key]
 
     def _noise(self) -> torch.Tensor:
@@ -95,24 +101,35 @@ class StreamGenerator:
         return (1 - s) * x + s * self._noise()
 
     @torch.inference_mode()
-    def add_context(self, x: torch.Tensor) -> torch.Tensor:
+    def add_context(self, x: torch.Tensor, own: bool = True) -> torch.Tensor:
         """Make a finished, normalised chunk x (B, 8, 64) context: re-noise it to context_noise, run it into the cache.
-        Returns the re-noised chunk, which add_noised_context puts back exactly (after a rewind)."""
+        own=False for real music (a performer's audio) rather than the model's chunk. Returns the re-noised chunk,
+        which add_noised_context puts back exactly (after a rewind)."""
         ctx = self._to_context(x, self.cfg.context_noise)
-        self._append(ctx, self.cfg.context_noise)
+        self._append(ctx, self.cfg.context_noise, self._marked(own))
         return ctx
 
     @torch.inference_mode()
-    def add_noised_context(self, ctx: torch.Tensor) -> None:
+    def add_noised_context(self, ctx: torch.Tensor, own: bool = True) -> None:
         """A chunk add_context already re-noised (B, 8, 64), as the newest context again."""
-        self._append(ctx, self.cfg.context_noise)
+        self._append(ctx, self.cfg.context_noise, self._marked(own))
 
-    def _append(self, ctx: torch.Tensor, s: float) -> None:
-        """Queue a context chunk re-noised to level s: it joins the cache in the next chunk's first pass (or at
-        flush())."""
+    def _marked(self, own: bool) -> bool:
+        """Whether a context chunk goes in under the mark of the model's own chunks (a model trained with
+        --mark-own): when the model made it and the W chunks before it, all its window holds, are its own too. Until
+        then a stream's chunks go in as real music does, as teacher forcing trained the model to continue: a
+        continuation of a prompt, or of a performer still in view, is the plain model's. Records the chunk's origin."""
+        W = self.model.cfg.context_chunks
+        mark = self.model.cfg.mark_own and own and len(self._origins) >= W and all(self._origins[-W:])
+        self._origins = (self._origins + [own])[-(W + MAX_REWIND):]
+        return mark
+
+    def _append(self, ctx: torch.Tensor, s: float, mark: bool) -> None:
+        """Queue a context chunk re-noised to level s (mark: under the model's own mark): it joins the cache in the
+        next chunk's first pass (or at flush())."""
         if len(self._pending) >= max(1, self.cache.scratch - 2):  # room for the new chunk and its unguided twin
             self.flush()
-        self._pending.append((ctx, s))
+        self._pending.append((ctx, (s, mark)))
 
     @property
     def context_length(self) -> int:
@@ -130,13 +147,14 @@ class StreamGenerator:
         room for): the next context chunk goes where the first of them was."""
         queued = min(chunks, len(self._pending))
         del self._pending[len(self._pending) - queued:]
+        del self._origins[max(0, len(self._origins) - chunks):]
         if chunks > queued:
             self.cache.rewind(chunks - queued)
 
     def _joining(self) -> list[Chunk]:
         """The queued context chunks as the leading chunks of a pass, and the queue emptied."""
         ctx, self._pending = self._pending, []
-        return [Chunk(c, self._times(s), self.modulations(s), "context") for c, s in ctx]
+        return [Chunk(c, self._times(s), self.modulations(s, mark), "context") for c, (s, mark) in ctx]
 
     @torch.inference_mode()
     def flush(self) -> None:
@@ -147,8 +165,8 @@ class StreamGenerator:
                 self.model.append_chunks(join, self.cache)
 
     def _append_many(self, ctx: torch.Tensor, s: float) -> None:
-        """Context chunks (B, n, 8, 64) at noise level s: one batched prefill pass into an empty cache, else one
-        append each."""
+        """Real context chunks (B, n, 8, 64), a prompt, at noise level s: one batched prefill pass into an empty
+        cache, else one append each."""
         self.flush()
         if self.cache.n == 0:
             times = torch.full(ctx.shape[:2], s, device=self.device).repeat_interleave(self.tokens, 1)
@@ -156,7 +174,7 @@ class StreamGenerator:
                 self.model.prefill(ctx.flatten(1, 2), times, self.cache)
         else:
             for k in range(ctx.shape[1]):
-                self._append(ctx[:, k], s)
+                self._append(ctx[:, k], s, False)
 
     @torch.inference_mode()
     def prefill(self, latents: torch.Tensor) -> None:
@@ -166,6 +184,7 @@ class StreamGenerator:
         z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
         first = max(0, z.shape[1] - self.model.cfg.context_chunks)
         s = self.cfg.prompt_noise
+        self._origins = (self._origins + [False] * (z.shape[1] - first))[-(self.model.cfg.context_chunks + MAX_REWIND):]
         self._append_many(torch.stack([self._to_context(z[:, k], s) for k in range(first, z.shape[1])], dim=1), s)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -248,16 +267,16 @@ class WindowRerunGenerator(StreamGenerator):
         super().__init__(*args, **kwargs, pack=False)
         W, T, D = self.model.cfg.context_chunks, self.tokens, self.model.cfg.latent_dim
         self.context = torch.zeros(self.batch, 0, T, D, device=self.device)  # the last <= W clean chunks
-        self.levels: list[float] = []  # their noise levels
+        self.levels: list[tuple[float, bool]] = []  # their noise levels and whether they carry the own-chunk mark
         self.W = W
 
-    def _append(self, ctx: torch.Tensor, s: float) -> None:
+    def _append(self, ctx: torch.Tensor, s: float, mark: bool) -> None:
         self.context = torch.cat([self.context, ctx[:, None]], dim=1)[:, -self.W:]
-        self.levels = (self.levels + [s])[-self.W:]
+        self.levels = (self.levels + [(s, mark)])[-self.W:]
 
     def _append_many(self, ctx: torch.Tensor, s: float) -> None:
         for k in range(ctx.shape[1]):
-            self._append(ctx[:, k], s)
+            self._append(ctx[:, k], s, False)
 
     @torch.inference_mode()
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -265,8 +284,11 @@ class WindowRerunGenerator(StreamGenerator):
             raise FlowError("the window re-run reference does not implement guidance")
         n = self.context.shape[1] + 1
         seq = torch.cat([self.context.flatten(1, 2), x], dim=1)  # (B, n * 8, D)
-        levels = torch.tensor(self.levels, device=self.device).expand(self.batch, -1)  # (B, n - 1)
-        times = torch.cat([levels.repeat_interleave(self.tokens, 1), t], dim=1)  # (B, n * 8)
+        per_token = lambda a: a.expand(self.batch, -1).repeat_interleave(self.tokens, 1)  # noqa: E731 (B, (n-1) * 8)
+        levels = torch.tensor([s for s, _ in self.levels], device=self.device)  # (n - 1,)
+        marks = torch.tensor([mark for _, mark in self.levels] + [False], device=self.device)  # (n,)
+        times = torch.cat([per_token(levels), t], dim=1)  # (B, n * 8)
         with autocast(self.device, self.amp):
-            out = self.model(seq, times, torch.arange(n * self.tokens), clean_mask(n, self.W, self.tokens, self.device))
+            out = self.model(seq, times, torch.arange(n * self.tokens), clean_mask(n, self.W, self.tokens, self.device),
+                             per_token(marks))
         return out[:, -self.tokens:].float()

@@ -29,6 +29,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 _FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+# the own-chunk mark is stored divided by this: Adam moves each stored value by about the learning rate a step, and
+# the mark must reach the time embedding's scale (about 1 a channel) within a closing stage of a few hundred steps
+MARK_GAIN = 30.0
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +132,9 @@ class FlowDiT(nn.Module):
         self.norm_out = RMSNorm(cfg.dim, affine=False)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.cond_dim, 2 * cfg.dim))
         self.proj_out = nn.Linear(cfg.dim, cfg.latent_dim)
+        # added (times MARK_GAIN) to the time embedding of context chunks the model generated itself (cfg.mark_own);
+        # zero at first, so a model that gains it computes what it did until training moves it
+        self.own_mark = nn.Parameter(torch.zeros(cfg.cond_dim)) if cfg.mark_own else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -150,12 +156,15 @@ class FlowDiT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def conditioning(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """adaLN modulations for times t (B, L): (B, L, 6D) per block, then the head's (B, L, 2D).
+    def conditioning(self, t: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """adaLN modulations for times t (B, L): (B, L, 6D) per block, then the head's (B, L, 2D). `own` (B, L), where
+        True, marks context the model generated itself (cfg.mark_own; ignored by a model without the mark).
 
-        They depend on t alone, so a generator may compute them once per distinct time and reuse them.
+        They depend on t (and the mark) alone, so a generator may compute them once per distinct time and reuse them.
         """
         c = self.time(t)  # (B, L, C)
+        if own is not None and self.own_mark is not None:
+            c = c + own.to(c.dtype)[..., None] * (MARK_GAIN * self.own_mark).to(c.dtype)
         return tuple(block.ada(c) for block in self.blocks) + (self.ada_out(c),)
 
     def _head(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -168,8 +177,9 @@ class FlowDiT(nn.Module):
         return self.proj_out(modulate(self.norm_out(h), shift, scale)).view(B, L, -1)  # (B, L, latent_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
-                mask: torch.Tensor | TwoStreams) -> torch.Tensor:
-        """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), under `mask`:
+                mask: torch.Tensor | TwoStreams, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity for tokens x (B, L, 64) at per-token times t (B, L), CPU positions pos (L,), under `mask`; `own`
+        (B, L), if given, marks the tokens of context chunks the model generated itself (conditioning):
 
         a dense boolean (B|1, 1, L, L), True where a query sees a key; or the TwoStreams layout of a training
         batch (streams.py), whose attention then skips the blocks its mask would hide, and whose times are read
@@ -179,11 +189,12 @@ class FlowDiT(nn.Module):
         rope = rope_table(pos, self.head_dim, self.cfg.rope_base, x.device)
         if isinstance(mask, TwoStreams):
             B, L, _ = x.shape
-            chunk_t = t.view(B, L // self.cfg.chunk_tokens, -1)[:, :, 0]  # (B, G): one time per chunk
-            mods = [m.unsqueeze(2) for m in self.conditioning(chunk_t)]  # (B, G, 1, .) each
+            per_chunk = lambda a: a.view(B, L // self.cfg.chunk_tokens, -1)[:, :, 0]  # noqa: E731 (B, G): one a chunk
+            own_chunk = None if own is None else per_chunk(own)
+            mods = [m.unsqueeze(2) for m in self.conditioning(per_chunk(t), own_chunk)]  # (B, G, 1, .) each
             mask = mask.plan(x.device)
         else:
-            mods = self.conditioning(t)  # (B, L, .) each
+            mods = self.conditioning(t, own)  # (B, L, .) each
         for block, mod in zip(self.blocks, mods):
             h = block(h, mod, rope, lambda q, k, v, blk=block: blk.attn.attend(q, apply_rope(k, *rope), v, mask))
         return self._head(h, mods[-1])
@@ -194,7 +205,8 @@ class FlowDiT(nn.Module):
         return KVCache.empty(self.cfg, batch, device or p.device, dtype or p.dtype)
 
     def prefill(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache) -> None:
-        """Commit n <= W clean chunks x (B, n * 8, 64) at times t (B, n * 8) into an empty cache in one pass.
+        """Commit n <= W clean chunks x (B, n * 8, 64) at times t (B, n * 8) into an empty cache in one pass (real
+        music, a prompt: no own-chunk mark).
 
         One masked forward instead of n append_context passes, with the same keys and values: chunk j sees
         chunks j-W..j either way, because the cache holds nothing older.

@@ -66,7 +66,8 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
         raise CheckpointError(f"--resume: no {last} to resume from")
     ckpt = load_training(last)
     saved = ckpt.configs
-    problems = (_shape_mismatch(saved["model"], model_given, preset) + config_mismatch(saved["flow"], flow_given)
+    saved_model = asdict(config_from_dict(ModelConfig, saved["model"]))  # a run saved before a field has its default
+    problems = (_shape_mismatch(saved_model, model_given, preset) + config_mismatch(saved["flow"], flow_given)
                 + config_mismatch(saved["train"], {k: v for k, v in train_given.items() if k in RESUME_LOCKED}))
     if problems:
         raise CheckpointError(f"{last}: cannot resume with different settings: " + "; ".join(problems))
@@ -77,18 +78,21 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
     saved_train = {"rollout_p": 0.0, "rollout_start": 0.0, "rollout_anchor_p": 0.0, "noisy_share": 1.0,
                    "rollout_max_t": 1.0, "distill_landing": 0.0, **saved["train"]}
     train = replace(config_from_dict(TrainConfig, saved_train), **train_given)
-    return Run(train, config_from_dict(ModelConfig, saved["model"]), config_from_dict(FlowConfig, saved["flow"]), ckpt)
+    return Run(train, config_from_dict(ModelConfig, saved_model), config_from_dict(FlowConfig, saved["flow"]), ckpt)
 
 
 def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, preset: str | None, path: str) -> Run:
-    """A new run from another run's weights: their model shape (size flags must agree), flow settings anew or theirs."""
+    """A new run from another run's weights: their model shape (size flags must agree), flow settings anew or theirs.
+    --mark-own may add the own-chunk mark to weights without it (it starts at zero: the same function)."""
     source = load_weights(path)
+    model_given = dict(model_given)
+    mark = model_given.pop("mark_own", False) or source.model_cfg.mark_own
     problems = _shape_mismatch(asdict(source.model_cfg), model_given, preset)
     if problems:
         raise CheckpointError(f"{path}: --init-from cannot change the model's shape ({'; '.join(problems)}); leave out "
                               f"the size flags and --preset, the shape comes from the checkpoint")
     try:
-        return Run(train, source.model_cfg, replace(source.flow_cfg, **flow_given), None, source)
+        return Run(train, replace(source.model_cfg, mark_own=mark), replace(source.flow_cfg, **flow_given), None, source)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
 

@@ -185,9 +185,9 @@ def optimiser_step(tr: Trainer, crops: list[MicroBatch]) -> tuple[torch.Tensor, 
     loss_sum = torch.zeros((), device=tr.device)
     for micro, mb in enumerate(crops):
         g = mb.generator()
-        context, max_t = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the clean stream is the real crop
+        context, max_t, own_from = _rollout(tr, mb.x, g)  # None on teacher-forced steps: the real crop is the past
         batch = training_batch(mb.x, mb.valid, fcfg, mcfg.context_chunks, mcfg.chunk_tokens, g, context,
-                               noisy_count(cfg, mcfg), max_t).to(tr.device)
+                               noisy_count(cfg, mcfg), max_t, own_from).to(tr.device)
         if tr.teacher is not None:  # the teacher's samples replace the real chunks as the noisy stream's data
             with autocast(tr.device, tr.amp):
                 batch = distill_batch(tr.teacher, batch, distill_config(cfg), tr.model, g)
@@ -228,18 +228,20 @@ def _load_teacher(path: str, student: ModelConfig, data: LatentData, data_dir: s
     return teacher.model
 
 
-def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _rollout(tr: Trainer, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                       int | None]:
     """On a share rollout_p of micro-batches from step rollout_start * max_steps on, the model's own cached
-    continuation of each crop's real opening as its context (rollout.py), and the caps on the chunks' noise levels
-    (rollout.time_caps; None at --rollout-max-t 1); drawn from the step's generator, so resume stays exact, and
-    steps before the start draw nothing (they are a plain run's). (None, None) otherwise."""
+    continuation of each crop's real opening as its context (rollout.py), the caps on the chunks' noise levels
+    (rollout.time_caps; None at --rollout-max-t 1) and the first chunk the model made (P); drawn from the step's
+    generator, so resume stays exact, and steps before the start draw nothing (they are a plain run's). (None, None,
+    None) otherwise."""
     cfg = tr.run.train
     if cfg.rollout_p <= 0 or tr.step < rollout_first_step(cfg):
-        return None, None
+        return None, None, None
     if float(torch.rand((), generator=g)) >= cfg.rollout_p:
-        return None, None
+        return None, None, None
     context, P = rollout_context(tr.model, x.to(tr.device), rollout_config(cfg), cfg.rollout_context_noise, g)
-    return context.cpu(), time_caps(x.shape[1] // tr.run.model.chunk_tokens, P, cfg.rollout_max_t)
+    return context.cpu(), time_caps(x.shape[1] // tr.run.model.chunk_tokens, P, cfg.rollout_max_t), P
 
 
 def validate(tr: Trainer) -> dict:

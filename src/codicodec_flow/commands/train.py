@@ -90,6 +90,10 @@ def register(sub) -> None:
     _add_flags(p, _TRAIN_FLAGS, TrainConfig("", ""))
     _add_flags(p, _MODEL_FLAGS, ModelConfig())
     _add_flags(p, _FLOW_FLAGS, FlowConfig())
+    p.add_argument("--mark-own", dest="mark_own", action="store_true", default=None,
+                   help="the model learns a mark for context chunks it made itself, which its closing rollout stage "
+                        "shows it; in generation its chunks go in under the mark once its window holds no real music "
+                        "(with --init-from: added to a model without it)")
     p.add_argument("--audio-continuation", action="store_true", default=None,
                    help="audio samples continue a validation prompt (default: unconditional)")
     p.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live dashboard")
@@ -105,7 +109,8 @@ def run(a: argparse.Namespace) -> int:
              "tui": interactive() and not a.no_tui}
     if a.audio_continuation:
         given["audio_continuation"] = True
-    run = plan_run(given, _given(a, _MODEL_FLAGS), _given(a, _FLOW_FLAGS), a.preset, a.resume, a.init_from)
+    model_given = {**_given(a, _MODEL_FLAGS), **({"mark_own": True} if a.mark_own else {})}
+    run = plan_run(given, model_given, _given(a, _FLOW_FLAGS), a.preset, a.resume, a.init_from)
     metrics = run_train(run)
     print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoints in {a.out_dir}/ (ema.pt for sampling, last.pt to resume)")

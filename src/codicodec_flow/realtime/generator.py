@@ -64,10 +64,11 @@ class LiveGenerator(StreamGenerator):
 
     @torch.inference_mode()
     def add_context_latents(self, latents: torch.Tensor) -> None:
-        """Make raw codec latents (8, 64) or (B, 8, 64), e.g. an encoded live input chunk, the next context."""
+        """Make raw codec latents (8, 64) or (B, 8, 64), e.g. an encoded live input chunk, the next context: real
+        music, not the model's own (a model trained with --mark-own tells them apart)."""
         if latents.ndim == 2:
             latents = latents.expand(self.batch, *latents.shape)
-        self.add_context(normalise(latents.float().cpu(), self.stats).to(self.device))  # (B, 8, 64)
+        self.add_context(normalise(latents.float().cpu(), self.stats).to(self.device), own=False)  # (B, 8, 64)
 
     def shape_output(self, x0: torch.Tensor) -> torch.Tensor:
         if self._steer is None:

@@ -114,9 +114,12 @@ class OrtModel:
         seen = (self.active or self.window) if use_context else 0
         return {"n": np.array([self.n], np.int64), "context": np.array([seen], np.int64)}
 
-    def conditioning(self, t: np.ndarray) -> np.ndarray:
-        """Times (1, 8) -> the modulations (1, 8, M) that step and append take."""
-        return self.sessions["conditioning"].run(None, {"t": np.asarray(t, np.float32)})[0]
+    def conditioning(self, t: np.ndarray, own: bool = False) -> np.ndarray:
+        """Times (1, 8) -> the modulations (1, 8, M) that step and append take; `own` marks a context chunk the model
+        made itself (graphs of a model trained with --mark-own take it, others have no such input)."""
+        t = np.asarray(t, np.float32)
+        feeds = {"t": t, **({"own": np.full_like(t, float(own))} if self.cfg.mark_own else {})}
+        return self.sessions["conditioning"].run(None, feeds)[0]
 
     def velocity(self, x: np.ndarray, mods: np.ndarray, use_context: bool = True) -> np.ndarray:
         """v for a chunk x (1, 8, 64) against the cache, which is only read; use_context=False ignores the past."""
@@ -152,12 +155,12 @@ class OrtBackend:
         ort_model.set_active(None)
         self.ort = self.cache = ort_model  # the KVCache's place: configure() sets its context the same way
 
-    def modulations(self, t: float) -> np.ndarray:
-        key = round(t, 12)
+    def modulations(self, t: float, own: bool = False) -> np.ndarray:
+        key = (round(t, 12), own)
         if key not in self._mods:
             if len(self._mods) >= 1024:  # stochastic or changing schedules: stay bounded
                 self._mods.clear()
-            self._mods[key] = self.ort.conditioning(np.full((self.batch, self.tokens), t, np.float32))
+            self._mods[key] = self.ort.conditioning(np.full((self.batch, self.tokens), t, np.float32), own)
         return self._mods[key]
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -169,13 +172,14 @@ class OrtBackend:
             v = v_u + self.cfg.cfg_scale * (v - v_u)
         return v
 
-    def _append(self, ctx: torch.Tensor, s: float) -> None:
-        """A context chunk (1, 8, 64) re-noised to level s into the cache at once (the graphs have no joined pass)."""
-        self.ort.append(ctx.float().cpu().numpy(), self.modulations(s))
+    def _append(self, ctx: torch.Tensor, s: float, mark: bool) -> None:
+        """A context chunk (1, 8, 64) re-noised to level s (under the own-chunk mark) into the cache at once (the
+        graphs have no joined pass)."""
+        self.ort.append(ctx.float().cpu().numpy(), self.modulations(s, mark))
 
     def _append_many(self, ctx: torch.Tensor, s: float) -> None:
-        for k in range(ctx.shape[1]):  # (B, n, 8, 64): prefill is one append per chunk
-            self._append(ctx[:, k], s)
+        for k in range(ctx.shape[1]):  # (B, n, 8, 64): prefill is one append per chunk, of real music
+            self._append(ctx[:, k], s, False)
 
     def reserve_rewind(self, chunks: int) -> None:
         """Keep the cache arrays of the last `chunks` appends, so they can be taken back (appends are not joined)."""
@@ -226,14 +230,14 @@ def check_against_torch(model: FlowDiT, ort_model: OrtModel, chunks: int | None 
     ort_model.reset()
     worst = 0.0
     with torch.inference_mode():
-        for _ in range(cfg.context_chunks + 2 if chunks is None else chunks):
+        for k in range(cfg.context_chunks + 2 if chunks is None else chunks):
             x, t = torch.randn(1, T, D, generator=g), torch.full((1, T), float(torch.rand(1, generator=g)))
             v = model.forward_cached(x, t, cache)
             v_ort = ort_model.velocity(x.numpy(), ort_model.conditioning(t.numpy()))
             worst = max(worst, float((v - torch.from_numpy(v_ort)).abs().max()))
-            ctx, s = torch.randn(1, T, D, generator=g), torch.full((1, T), 0.02)
-            model.append_context(ctx, s, cache)
-            ort_model.append(ctx.numpy(), ort_model.conditioning(s.numpy()))
+            ctx, s, own = torch.randn(1, T, D, generator=g), torch.full((1, T), 0.02), k % 2 == 1  # real, own, ...
+            model.append_context(ctx, s, cache, mods=model.conditioning(s, torch.full((1, T), own)))
+            ort_model.append(ctx.numpy(), ort_model.conditioning(s.numpy(), own))
     ort_model.reset()
     if not worst <= CHECK_TOLERANCE:
         raise FlowError(f"the ONNX graphs give velocities up to {worst:.2e} away from PyTorch's (more than "
