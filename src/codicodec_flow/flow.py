@@ -132,7 +132,7 @@ def training_batch(x: torch.Tensor, valid: torch.Tensor, cfg: FlowConfig, window
 def flow_loss(model: FlowDiT, batch: FlowBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared velocity error over valid noisy tokens, and the per-chunk errors (B, K) of the noisy stream."""
     Lk = batch.target.shape[1]
-    pred = model(batch.inputs, batch.times, batch.pos, batch.streams, batch.own)[:, -Lk:]  # (B, K * 8, D) noisy stream only
+    pred = model(batch.inputs, batch.times, batch.pos, batch.streams, batch.own)[:, -Lk:]  # (B, K * 8, D): noisy stream
     err = (pred.float() - batch.target.float()).pow(2).mean(-1)  # (B, K * 8)
     per_chunk = err.view(err.shape[0], batch.t.shape[1], -1).mean(-1)  # (B, K)
     w = batch.target_valid.float()

@@ -92,7 +92,8 @@ def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, pres
         raise CheckpointError(f"{path}: --init-from cannot change the model's shape ({'; '.join(problems)}); leave out "
                               f"the size flags and --preset, the shape comes from the checkpoint")
     try:
-        return Run(train, replace(source.model_cfg, mark_own=mark), replace(source.flow_cfg, **flow_given), None, source)
+        model = replace(source.model_cfg, mark_own=mark)
+        return Run(train, model, replace(source.flow_cfg, **flow_given), None, source)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
 
