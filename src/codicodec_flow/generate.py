@@ -23,6 +23,7 @@ import torch
 
 from .config import SampleConfig
 from .errors import FlowError
+from .flow import per_token
 from .graphs import ChunkGraphs, PassGraphs
 from .latents import LatentStats, denormalise, normalise
 from .model import Chunk, FlowDiT, clean_mask
@@ -78,10 +79,14 @@ class StreamGenerator:
         if key not in self._mods:
             if len(self._mods) >= 1024:  # stochastic or changing schedules: stay bounded
                 self._mods.clear()
-            mark = torch.ones((1, 1), dtype=torch.bool, device=self.device) if own else None
-            with torch.inference_mode(), autocast(self.device, self.amp):
-                self._mods[key] = self.model.conditioning(torch.full((1, 1), t, device=self.device), mark)
+            self._mods[key] = self._conditioning(t, own)
         return self._mods[key]
+
+    def _conditioning(self, t: float, own: bool) -> tuple[torch.Tensor, ...]:
+        """What modulations() keeps for (t, own): the model's conditioning, (1, 1, .) each."""
+        mark = torch.ones((1, 1), dtype=torch.bool, device=self.device) if own else None
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            return self.model.conditioning(torch.full((1, 1), t, device=self.device), mark)
 
     def _noise(self) -> torch.Tensor:
         return to_device(torch.randn(self.batch, self.tokens, self.model.cfg.latent_dim, generator=self.generator),
@@ -121,8 +126,12 @@ class StreamGenerator:
         continuation of a prompt, or of a performer still in view, is the plain model's. Records the chunk's origin."""
         W = self.model.cfg.context_chunks
         mark = self.model.cfg.mark_own and own and len(self._origins) >= W and all(self._origins[-W:])
-        self._origins = (self._origins + [own])[-(W + MAX_REWIND):]
+        self._record_origins([own])
         return mark
+
+    def _record_origins(self, origins: list[bool]) -> None:
+        """Add context chunks' origins (True: the model's own), keeping the window's and what a rewind may take."""
+        self._origins = (self._origins + origins)[-(self.model.cfg.context_chunks + MAX_REWIND):]
 
     def _append(self, ctx: torch.Tensor, s: float, mark: bool) -> None:
         """Queue a context chunk re-noised to level s (mark: under the model's own mark): it joins the cache in the
@@ -184,7 +193,7 @@ class StreamGenerator:
         z = normalise(latents.float().cpu(), self.stats).to(self.device)  # (B, T, 8, 64)
         first = max(0, z.shape[1] - self.model.cfg.context_chunks)
         s = self.cfg.prompt_noise
-        self._origins = (self._origins + [False] * (z.shape[1] - first))[-(self.model.cfg.context_chunks + MAX_REWIND):]
+        self._record_origins([False] * (z.shape[1] - first))  # real music
         self._append_many(torch.stack([self._to_context(z[:, k], s) for k in range(first, z.shape[1])], dim=1), s)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -284,11 +293,10 @@ class WindowRerunGenerator(StreamGenerator):
             raise FlowError("the window re-run reference does not implement guidance")
         n = self.context.shape[1] + 1
         seq = torch.cat([self.context.flatten(1, 2), x], dim=1)  # (B, n * 8, D)
-        per_token = lambda a: a.expand(self.batch, -1).repeat_interleave(self.tokens, 1)  # noqa: E731 (B, (n-1) * 8)
-        levels = torch.tensor([s for s, _ in self.levels], device=self.device)  # (n - 1,)
-        marks = torch.tensor([mark for _, mark in self.levels] + [False], device=self.device)  # (n,)
-        times = torch.cat([per_token(levels), t], dim=1)  # (B, n * 8)
+        levels = torch.tensor([s for s, _ in self.levels], device=self.device).expand(self.batch, -1)  # (B, n - 1)
+        marks = torch.tensor([mark for _, mark in self.levels] + [False], device=self.device).expand(self.batch, -1)
+        times = torch.cat([per_token(levels, self.tokens), t], dim=1)  # (B, n * 8)
         with autocast(self.device, self.amp):
             out = self.model(seq, times, torch.arange(n * self.tokens), clean_mask(n, self.W, self.tokens, self.device),
-                             per_token(marks))
+                             per_token(marks, self.tokens))
         return out[:, -self.tokens:].float()

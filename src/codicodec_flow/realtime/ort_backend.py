@@ -155,13 +155,8 @@ class OrtBackend:
         ort_model.set_active(None)
         self.ort = self.cache = ort_model  # the KVCache's place: configure() sets its context the same way
 
-    def modulations(self, t: float, own: bool = False) -> np.ndarray:
-        key = (round(t, 12), own)
-        if key not in self._mods:
-            if len(self._mods) >= 1024:  # stochastic or changing schedules: stay bounded
-                self._mods.clear()
-            self._mods[key] = self.ort.conditioning(np.full((self.batch, self.tokens), t, np.float32), own)
-        return self._mods[key]
+    def _conditioning(self, t: float, own: bool) -> np.ndarray:
+        return self.ort.conditioning(np.full((self.batch, self.tokens), t, np.float32), own)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         mods = self.modulations(time_value(t))  # solvers give the whole chunk one time
