@@ -165,6 +165,8 @@ class FlowDiT(nn.Module):
         c = self.time(t)  # (B, L, C)
         if own is not None and self.own_mark is not None:
             c = c + own.to(c.dtype)[..., None] * (MARK_GAIN * self.own_mark).to(c.dtype)
+        elif self.own_mark is not None and self.training:  # no marked chunk: the mark takes part all the same (zero
+            c = c + 0.0 * self.own_mark.to(c.dtype)  # gradient), as data-parallel training needs of every parameter
         return tuple(block.ada(c) for block in self.blocks) + (self.ada_out(c),)
 
     def _head(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
