@@ -74,13 +74,14 @@ def test_graph_buffers_give_exactly_the_plain_stream(kw):
     assert max(e.runs for e in graphs._entries.values()) >= 8  # buffers reused across chunks
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(solver="heun", nfe=4, num_samples=2), dict(solver="midpoint", nfe=4,
-                                                                                       cfg_scale=2.0)])
-def test_whole_chunks_at_device_positions_give_exactly_the_plain_stream(kw):
+@pytest.mark.parametrize("kw,cfg", [(dict(), CFG), (dict(solver="heun", nfe=4, num_samples=2), CFG),
+                                    (dict(solver="midpoint", nfe=4, cfg_scale=2.0), CFG),
+                                    (dict(), replace(CFG, mark_own=True))])
+def test_whole_chunks_at_device_positions_give_exactly_the_plain_stream(kw, cfg):
     """A whole chunk run at the cache's device position (one replay a chunk on CUDA) computes exactly the plain
     chunk at every ring position, through a resize, rewinds, a context window narrowed mid-stream and the rotation tables'
-    window moving on."""
-    model = randomised_model(CFG)
+    window moving on; with the own-chunk mark, whose joining chunks' marks are part of a layout."""
+    model = randomised_model(cfg)
     plain, graphed = _pair(model, "cpu", chunks=True, **kw)
     prompt = torch.randn(2, 8, 64)
     a, b = _script(plain, prompt), _script(graphed, prompt)
@@ -91,6 +92,8 @@ def test_whole_chunks_at_device_positions_give_exactly_the_plain_stream(kw):
     runs = {key[1]: entry.runs for key, entry in graphed.chunk_graphs._entries.items()}  # by context window
     assert runs[None] >= 5 and runs[2] == 69  # one layout per window since the resize: every steady chunk but the
     #                                          layout's first (run pass by pass: it may never come back) through it
+    if cfg.mark_own:  # the stream's own chunks joined under the mark once its window held only them
+        assert any(mark for key in graphed.chunk_graphs._entries for _, mark in key[0])
 
 
 def test_chunk_graph_layouts_stay_bounded():
