@@ -25,7 +25,7 @@ def test_rollout_steps_resume_bit_exact(ar_data, tmp_path):
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     plain = load_checkpoint(run_train(tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0)) and tmp_path / "plain" / "last.pt")
-    assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the rollouts did change it
+    assert any(not torch.equal(a["model"][k], plain["model"][k]) for k in plain["model"])  # the rollouts changed it
 
 
 def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, tmp_path):
@@ -41,7 +41,7 @@ def test_rollout_start_makes_rollouts_a_closing_stage_of_the_same_run(ar_data, t
     run_train(tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0))
     staged, straight, plain = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("staged", "straight", "plain"))
     assert all(torch.equal(staged[k], straight[k]) for k in staged)
-    assert any(not torch.equal(staged[k], plain[k]) for k in staged)  # steps 3-5 were rollout steps
+    assert any(not torch.equal(staged[k], plain[k]) for k in plain)  # steps 3-5 were rollout steps
 
 
 @pytest.mark.parametrize("over, said", [({"rollout_p": 1.5}, "rollout-p"), ({"rollout_solver": "magic"}, "unknown solver"),
@@ -87,13 +87,27 @@ def test_rollout_post_training_holds_the_spread_that_teacher_forcing_lets_drift(
 
 
 def test_the_rollout_stage_is_on_by_default_and_off_for_a_student_unless_asked(ar_data, tmp_path):
+    """The closing stage is on by default, at every noise level, and brings the own-chunk mark with it: to a new run,
+    and to --init-from weights without one; --no-mark-own or --rollout-p 0 leave it out, a student keeps its
+    teacher's, and a fine-tune cannot take a mark away."""
     run = tiny_run(ar_data, tmp_path / "plain")
-    assert (run.train.rollout_p, run.train.rollout_start, run.train.rollout_max_t, run.flow.t_dist) == (0.5, 0.8, 0.8,
-                                                                                                      "uniform")
-    run_train(tiny_run(ar_data, tmp_path / "teacher", max_steps=1))
+    assert (run.train.rollout_p, run.train.rollout_start, run.train.rollout_max_t, run.flow.t_dist) == (0.25, 0.8, 1.0,
+                                                                                                       "uniform")
+    assert run.model.mark_own
+    assert not tiny_run(ar_data, tmp_path / "plain", rollout_p=0.0).model.mark_own
+    assert not tiny_run(ar_data, tmp_path / "plain", model={"mark_own": False}).model.mark_own
+    run_train(tiny_run(ar_data, tmp_path / "teacher", max_steps=1, rollout_p=0.0))
     teacher = str(tmp_path / "teacher" / "ema.pt")
-    assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher).train.rollout_p == 0.0
+    student = tiny_run(ar_data, tmp_path / "student", distill_from=teacher)
+    assert student.train.rollout_p == 0.0 and not student.model.mark_own
     assert tiny_run(ar_data, tmp_path / "student", distill_from=teacher, rollout_p=0.25).train.rollout_p == 0.25
+    assert tiny_run(ar_data, tmp_path / "fine", init_from=teacher).model.mark_own  # its own closing stage
+    assert not tiny_run(ar_data, tmp_path / "fine", init_from=teacher, rollout_p=0.0).model.mark_own
+    run_train(tiny_run(ar_data, tmp_path / "marked", max_steps=1))
+    marked = str(tmp_path / "marked" / "ema.pt")
+    assert tiny_run(ar_data, tmp_path / "student", distill_from=marked).model.mark_own
+    with pytest.raises(FlowError, match="cannot take away"):
+        tiny_run(ar_data, tmp_path / "fine", init_from=marked, model={"mark_own": False})
 
 
 def test_a_run_saved_before_the_rollout_stage_resumes_as_it_was_trained(ar_data, tmp_path):

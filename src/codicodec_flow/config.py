@@ -34,8 +34,9 @@ class ModelConfig:
     rope_base: float = 10_000.0
     time_freq_dim: int = 256  # sinusoidal features of t before the time MLP
     # context chunks the model made itself carry a learned mark in their conditioning, so it can tell them from real
-    # music (a prompt, a performer's audio): train --mark-own, shown in the closing stage's rollouts; generation marks
-    # a chunk once its window holds only the model's own (StreamGenerator._marked)
+    # music (a prompt, a performer's audio), shown in the closing stage's rollouts; generation marks a chunk once its
+    # window holds only the model's own (StreamGenerator._marked). False here, as models saved before it have it: a
+    # new run gets it with its closing stage (plan.py; train --no-mark-own leaves it out)
     mark_own: bool = False
 
     def __post_init__(self):
@@ -98,7 +99,9 @@ class TrainConfig:
     # share of a crop's chunks in the noisy stream when noisy_chunks is 0 (1: all; plan.noisy_count): per second of
     # training a quarter continued held-out music as well as all of them, per step a little worse (README, evaluation)
     noisy_share: float = 0.25
-    rollout_p: float = 0.5  # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off
+    # share of micro-batches whose context is the model's own rollout (rollout.py); 0: off. A run with the stage on
+    # learns the own-chunk mark (ModelConfig.mark_own, plan.py) unless told not to
+    rollout_p: float = 0.25
     rollout_solver: str = "midpoint"  # how rollouts are sampled: the live default, where drift hurts most
     rollout_nfe: int = 4
     rollout_start: float = 0.8  # fraction of max_steps after which rollout steps are mixed in (0: from the first)
@@ -107,10 +110,10 @@ class TrainConfig:
     # context noise of the rollouts' own chunks (generation's --context-noise default; 0 was an experiment: livelier
     # continuations, streams that grow more; README, evaluation)
     rollout_context_noise: float = 0.02
-    # highest noise level at which a chunk with the model's own chunks in its past trains (1: every level). The levels
-    # above it are where a chunk's overall level is decided: trained there against a self-made past, the real target
-    # pulls continuations toward the collection's average (README, evaluation)
-    rollout_max_t: float = 0.8
+    # highest noise level at which a chunk with the model's own chunks in its past trains (1: every level). Without
+    # the own-chunk mark a cap (0.8) keeps continuations livelier: trained above it against a self-made past, the real
+    # target pulls them toward the collection's average; with the mark the streams need every level (README, evaluation)
+    rollout_max_t: float = 1.0
     distill_from: str | None = None  # teacher checkpoint: train on its samples (distill.py, few-step students)
     distill_solver: str = "heun"  # how the teacher samples them
     distill_nfe: int = 16  # its evaluations per chunk: at 16 its students beat its own heun NFE 8 (README evaluation)

@@ -58,6 +58,7 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
         if init_from is not None:
             return _fine_tune_run(train, model_given, flow_given, preset, init_from)
         preset = preset or "default"
+        model_given = {"mark_own": train.rollout_p > 0, **model_given}  # the mark comes with the closing stage
         try:
             return Run(train, replace(MODEL_PRESETS[preset], **model_given), FlowConfig(**flow_given), None)
         except ValueError as exc:
@@ -83,10 +84,15 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
 
 def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, preset: str | None, path: str) -> Run:
     """A new run from another run's weights: their model shape (size flags must agree), flow settings anew or theirs.
-    --mark-own may add the own-chunk mark to weights without it (it starts at zero: the same function)."""
+    A run with a closing stage of its own adds the own-chunk mark to weights without it (it starts at zero: the same
+    function), unless --no-mark-own; a student keeps its teacher's."""
     source = load_weights(path)
     model_given = dict(model_given)
-    mark = model_given.pop("mark_own", False) or source.model_cfg.mark_own
+    mark = model_given.pop("mark_own", None)
+    if mark is None:
+        mark = source.model_cfg.mark_own or (train.rollout_p > 0 and train.distill_from is None)
+    elif source.model_cfg.mark_own and not mark:
+        raise FlowError(f"{path}: its model has the own-chunk mark, which --no-mark-own cannot take away; leave it out")
     problems = _shape_mismatch(asdict(source.model_cfg), model_given, preset)
     if problems:
         raise CheckpointError(f"{path}: --init-from cannot change the model's shape ({'; '.join(problems)}); leave out "
@@ -100,10 +106,11 @@ def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, pres
 
 def _shape_mismatch(saved_model: dict, model_given: dict, preset: str | None) -> list[str]:
     """Where the size flags, and the sizes a given preset implies (unless a flag overrides them), differ from a
-    checkpoint's model config."""
+    checkpoint's model config (the own-chunk mark is not a size: a preset implies nothing about it)."""
     problems = config_mismatch(saved_model, model_given)
     if preset is not None:
-        implied = {k: v for k, v in asdict(MODEL_PRESETS[preset]).items() if k not in model_given and k in saved_model}
+        implied = {k: v for k, v in asdict(MODEL_PRESETS[preset]).items()
+                   if k not in model_given and k in saved_model and k != "mark_own"}
         problems += [f"--preset {preset} gives {p}" for p in config_mismatch(saved_model, implied)]
     return problems
 

@@ -90,10 +90,11 @@ def register(sub) -> None:
     _add_flags(p, _TRAIN_FLAGS, TrainConfig("", ""))
     _add_flags(p, _MODEL_FLAGS, ModelConfig())
     _add_flags(p, _FLOW_FLAGS, FlowConfig())
-    p.add_argument("--mark-own", dest="mark_own", action="store_true", default=None,
+    p.add_argument("--mark-own", dest="mark_own", action=argparse.BooleanOptionalAction, default=None,
                    help="the model learns a mark for context chunks it made itself, which its closing rollout stage "
                         "shows it; in generation its chunks go in under the mark once its window holds no real music "
-                        "(with --init-from: added to a model without it)")
+                        "(default: on for a new run whose closing stage is on, added at zero to --init-from weights "
+                        "without it; a resumed run and a student keep what they have)")
     p.add_argument("--audio-continuation", action="store_true", default=None,
                    help="audio samples continue a validation prompt (default: unconditional)")
     p.add_argument("--no-tui", action="store_true", help="plain log lines instead of the live dashboard")
@@ -109,7 +110,7 @@ def run(a: argparse.Namespace) -> int:
              "tui": interactive() and not a.no_tui}
     if a.audio_continuation:
         given["audio_continuation"] = True
-    model_given = {**_given(a, _MODEL_FLAGS), **({"mark_own": True} if a.mark_own else {})}
+    model_given = {**_given(a, _MODEL_FLAGS), **({} if a.mark_own is None else {"mark_own": a.mark_own})}
     run = plan_run(given, model_given, _given(a, _FLOW_FLAGS), a.preset, a.resume, a.init_from)
     metrics = run_train(run)
     print(f"done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
