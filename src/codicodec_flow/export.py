@@ -7,7 +7,7 @@ Three graphs, each a plain function of tensors (static shapes, batch B = 1, no P
     step(x (B, 8, 64), mods, keys_rot, values, n, context)   -> velocity (B, 8, 64)      the ODE's v; cache only read
     append(x, mods, keys, keys_rot, values, n, context)      -> keys', keys_rot', values'    a finished chunk in
 
-M = n_layers * 6 * dim + 2 * dim (every block's modulations, then the head's). A model trained with --mark-own has
+M = n_layers * 6 * dim + 2 * dim (every block's modulations, then the head's). A model with the own-chunk mark has
 the second input of conditioning, `own`: 1 for a context chunk the model made itself, 0 for real music and for the
 chunk being generated. The cache is three tensors of shape
 (n_layers, B, heads, W * 8, head_dim), kept as a sliding window rather than KVCache's ring: window chunk c

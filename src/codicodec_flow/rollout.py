@@ -15,13 +15,13 @@ training, which keeps the model's use of a real prompt. The rollout runs exactly
 (prefill, one cached chunk at a time, the same solver and context noise), at constant cost per chunk,
 without gradients (only the final denoising step is trained, against the generated past).
 
-Which noise levels those chunks train at (time_caps, train --rollout-max-t, default 0.8). Once the real opening
-has left a chunk's window, its real target is tied to the self-made past only through the piece both continue.
-Near pure noise, where a chunk's overall level is decided, that teaches a pull toward the collection's average:
-the continuations of different prompts end up alike. Below it, the same steps teach the texture and motion that
-keep a long stream lively. So the chunks with the model's own chunks in their past draw their time from
-(0, max_t): on held-out music every continuation figure improved in four runs and the streams' spread stayed in
-the band, though their distance to the music grows more over 11 minutes (README, evaluation).
+Which noise levels those chunks train at (time_caps, train --rollout-max-t: every level by default, with the mark).
+Once the real opening has left a chunk's window, its real target is tied to the self-made past only through the
+piece both continue. Near pure noise, where a chunk's overall level is decided, that teaches a pull toward the
+collection's average. Without the mark the pull reaches the continuations of real prompts too, which end up alike,
+so an unmarked stage draws those chunks' time from (0, max_t) with max_t 0.8: on held-out music every continuation
+figure improved in four runs, though the streams' distance to the music grew more over 11 minutes. With the mark
+the pull stays with the marked mode, and the streams need every level (README, evaluation).
 
 Anchored rollouts (a share anchor_p of them): each rolled-out chunk is not drawn from fresh noise but
 finished by the model from the real chunk noised to anchor_t (StreamGenerator.next_chunk_from). The context
@@ -31,10 +31,10 @@ average after its own past: that pull stops the drift but narrows the continuati
 widened heun continuations and kept their rollouts stable on held-out music, but let the live sampler's
 streams wash out, so anchors are off by default (README, evaluation).
 
-The own-chunk mark (train --mark-own): the rolled-out chunks of the context carry the model's learned mark
-(flow.make_batch's own_from), the real opening does not, so the pull learned here is tied to a self-made past the
-model can recognise. Generation marks its chunks only once their window holds none of the real music, so the
-continuation of a prompt still in view stays teacher forcing's (README, evaluation: four runs).
+The own-chunk mark (ModelConfig.mark_own, on with the stage): the rolled-out chunks of the context carry the
+model's learned mark (flow.make_batch's own_from), the real opening does not, so the pull learned here is tied to a
+self-made past the model can recognise. Generation marks its chunks only once their window holds none of the real
+music, so the continuation of a prompt still in view stays teacher forcing's (README, evaluation: eight runs).
 """
 from __future__ import annotations
 

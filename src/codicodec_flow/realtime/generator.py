@@ -65,7 +65,7 @@ class LiveGenerator(StreamGenerator):
     @torch.inference_mode()
     def add_context_latents(self, latents: torch.Tensor) -> None:
         """Make raw codec latents (8, 64) or (B, 8, 64), e.g. an encoded live input chunk, the next context: real
-        music, not the model's own (a model trained with --mark-own tells them apart)."""
+        music, not the model's own (a model with the own-chunk mark tells them apart)."""
         if latents.ndim == 2:
             latents = latents.expand(self.batch, *latents.shape)
         self.add_context(normalise(latents.float().cpu(), self.stats).to(self.device), own=False)  # (B, 8, 64)

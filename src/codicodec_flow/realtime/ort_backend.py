@@ -116,7 +116,7 @@ class OrtModel:
 
     def conditioning(self, t: np.ndarray, own: bool = False) -> np.ndarray:
         """Times (1, 8) -> the modulations (1, 8, M) that step and append take; `own` marks a context chunk the model
-        made itself (graphs of a model trained with --mark-own take it, others have no such input)."""
+        made itself (graphs of a model with the own-chunk mark take it, others have no such input)."""
         t = np.asarray(t, np.float32)
         feeds = {"t": t, **({"own": np.full_like(t, float(own))} if self.cfg.mark_own else {})}
         return self.sessions["conditioning"].run(None, feeds)[0]
