@@ -2,7 +2,7 @@ import soundfile as sf
 import pytest
 import torch
 
-from codicodec_flow.checkpoint import inference_dict, save_checkpoint
+from codicodec_flow.checkpoint import inference_dict, load_checkpoint, save_checkpoint
 from codicodec_flow.commands.cli import main
 from codicodec_flow.config import FlowConfig, ModelConfig
 from codicodec_flow.model import FlowDiT
@@ -86,6 +86,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert paths["spectrogram"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sf.info(str(paths["continuation"])).frames == 3 * CHUNK
     assert sf.info(str(paths["prompt"])).frames == 2 * CHUNK
+    assert load_checkpoint(tmp_path / "demo" / "run" / "ema.pt")["config"]["model"]["mark_own"]  # train's defaults
 
 
 def _code(fn, *args) -> int:

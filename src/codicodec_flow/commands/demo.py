@@ -52,7 +52,7 @@ def run_demo(out_dir: str = "demo_out", device: str = "cpu", songs: int = 12, so
         train = dict(data_dir=str(out / "latents"), out_dir=str(run_dir), device=device, batch_size=8, crop_tokens=128,
                      max_steps=steps, lr=2e-3, warmup_steps=20, save_every=steps, val_every=steps // 2,
                      log_every=max(1, steps // 10), ema_decay=0.99, tui=interactive(), seed=seed)
-        model = {k: v for k, v in asdict(DEMO_MODEL).items()}
+        model = {k: v for k, v in asdict(DEMO_MODEL).items() if k != "mark_own"}  # the mark comes with the stage
         run_train(plan_run(train, model, {}, "default", resume=(run_dir / LAST).exists()))
     data = load_latents(out / "latents")
     source = (data.val or data.train)[0].source.removesuffix(" (tail)")
