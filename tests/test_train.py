@@ -174,7 +174,8 @@ def test_ddp_two_cpu_processes(ar_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "codicodec_flow", "train", "--data-dir", str(ar_data), "--out-dir", str(tmp_path / "run"),
            "--preset", "tiny", "--device", "cpu", "--max-steps", "6", "--batch-size", "2", "--crop-tokens", "64",
-           "--no-tui", "--dtype", "fp32", "--val-every", "6", "--mark-own", "--rollout-start", "0", "--rollout-p", "0.5"]
+           "--no-tui", "--dtype", "fp32", "--val-every", "6", "--mark-own", "--rollout-start", "0",
+           "--rollout-p", "0.5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x2" in proc.stderr

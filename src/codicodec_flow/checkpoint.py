@@ -160,7 +160,8 @@ class Weights:
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy the weights into a FlowDiT of the same shape; CheckpointError naming the file if they do not fit. A
-        model that adds the own-chunk mark to weights without it (train --init-from with the closing stage) starts it at zero."""
+        model that adds the own-chunk mark to weights without it (train --init-from with the closing stage) starts it
+        at zero."""
         state = self.state
         if getattr(model, "own_mark", None) is not None and "own_mark" not in state:
             state = {**state, "own_mark": torch.zeros_like(model.own_mark)}

@@ -120,9 +120,9 @@ class StreamGenerator:
         self._append(ctx, self.cfg.context_noise, self._marked(own))
 
     def _marked(self, own: bool) -> bool:
-        """Whether a context chunk goes in under the mark of the model's own chunks (a model with the mark,
-        train's closing stage): when the model made it and the W chunks before it, all its window holds, are its own too. Until
-        then a stream's chunks go in as real music does, as teacher forcing trained the model to continue: a
+        """Whether a context chunk goes in under the mark of the model's own chunks (a model with the mark, from
+        train's closing stage): when the model made it and the W chunks before it, all its window holds, are its own
+        too. Until then a stream's chunks go in as real music does, as teacher forcing trained the model to continue: a
         continuation of a prompt, or of a performer still in view, is the plain model's. Records the chunk's origin."""
         W = self.model.cfg.context_chunks
         mark = self.model.cfg.mark_own and own and len(self._origins) >= W and all(self._origins[-W:])
