@@ -58,7 +58,7 @@ def plan_run(train_given: dict, model_given: dict, flow_given: dict, preset: str
         if init_from is not None:
             return _fine_tune_run(train, model_given, flow_given, preset, init_from)
         preset = preset or "default"
-        model_given = {"mark_own": train.rollout_p > 0, **model_given}  # the mark comes with the closing stage
+        model_given = {"mark_own": _stage_marks(train), **model_given}
         try:
             return Run(train, replace(MODEL_PRESETS[preset], **model_given), FlowConfig(**flow_given), None)
         except ValueError as exc:
@@ -90,7 +90,7 @@ def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, pres
     model_given = dict(model_given)
     mark = model_given.pop("mark_own", None)
     if mark is None:
-        mark = source.model_cfg.mark_own or (train.rollout_p > 0 and train.distill_from is None)
+        mark = source.model_cfg.mark_own or _stage_marks(train)
     elif source.model_cfg.mark_own and not mark:
         raise FlowError(f"{path}: its model has the own-chunk mark, which --no-mark-own cannot take away; leave it out")
     problems = _shape_mismatch(asdict(source.model_cfg), model_given, preset)
@@ -102,6 +102,12 @@ def _fine_tune_run(train: TrainConfig, model_given: dict, flow_given: dict, pres
         return Run(train, model, replace(source.flow_cfg, **flow_given), None, source)
     except ValueError as exc:
         raise FlowError(str(exc)) from None
+
+
+def _stage_marks(train: TrainConfig) -> bool:
+    """Whether a new run's model gains the own-chunk mark unless told: when its closing stage is on, which shows the
+    model its own chunks; a student's teacher decides for it."""
+    return train.rollout_p > 0 and train.distill_from is None
 
 
 def _shape_mismatch(saved_model: dict, model_given: dict, preset: str | None) -> list[str]:
